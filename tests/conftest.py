@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny folder datasets written on the fly, and the CamVid folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CAMVID = REPO.parent / "shared" / "data" / "camvid"
+
+PALETTE = [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]]
+NAMES = ["background", "red", "green", "blue"]
+IGNORE = 255
+
+
+@pytest.fixture
+def camvid() -> Path:
+    if not (CAMVID / "classes.json").is_file():
+        pytest.skip(f"CamVid not found at {CAMVID} (it ships in ../shared/data/camvid beside the checkout)")
+    return CAMVID
+
+
+def write_classes(path: Path, names=NAMES, palette=PALETTE, ignore_index=IGNORE) -> Path:
+    data = {"names": names, "palette": palette}
+    if ignore_index is not None:
+        data["ignore_index"] = ignore_index
+    path.write_text(json.dumps(data))
+    return path
+
+
+def random_pair(rng: np.random.Generator, h: int, w: int, num_classes: int = 4, ignore: int | None = IGNORE):
+    """An RGB image and a class-id mask of blocky regions, with some ignored pixels."""
+    image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    coarse = rng.integers(0, num_classes, size=(h // 4 + 1, w // 4 + 1), dtype=np.uint8)
+    mask = np.kron(coarse, np.ones((4, 4), dtype=np.uint8))[:h, :w].copy()
+    if ignore is not None:
+        mask[rng.random((h, w)) < 0.05] = ignore
+    return image, mask
+
+
+def encode_mask(mask: np.ndarray, encoding: str) -> Image.Image:
+    """Write an id mask the way a user's files would hold it."""
+    if encoding == "index":
+        return Image.fromarray(mask, mode="L")
+    if encoding == "index-p":
+        img = Image.fromarray(mask, mode="P")
+        img.putpalette([v for c in PALETTE for v in c] + [255, 255, 255] * 252)
+        return img
+    if encoding == "rgb":
+        lut = np.zeros((256, 3), dtype=np.uint8)
+        lut[: len(PALETTE)] = PALETTE
+        lut[IGNORE] = [1, 2, 3]  # a colour not in the palette
+        return Image.fromarray(lut[mask], mode="RGB")
+    if encoding == "binary":
+        return Image.fromarray((mask == 1).astype(np.uint8) * 255, mode="L")
+    raise ValueError(encoding)
+
+
+def make_folders(
+    root: Path,
+    splits: dict[str, int] | None = None,
+    *,
+    size: tuple[int, int] = (24, 32),
+    image_ext: str = ".png",
+    mask_encoding: str = "index",
+    num_classes: int = 4,
+    seed: int = 0,
+) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Write ``root/images/<split>/*`` and ``root/masks/<split>/*.png``; ``splits=None``
+    writes one flat folder. Returns the pixels written, by split and stem."""
+    rng = np.random.default_rng(seed)
+    written: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for split, n in (splits or {"": 6}).items():
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            stem = f"{split or 'img'}_{i:03d}"
+            ignore = None if mask_encoding == "binary" else IGNORE
+            image, mask = random_pair(rng, *size, num_classes=2 if mask_encoding == "binary" else num_classes, ignore=ignore)
+            Image.fromarray(image).save(root / "images" / split / f"{stem}{image_ext}")
+            encode_mask(mask, mask_encoding).save(root / "masks" / split / f"{stem}.png")
+            written.setdefault(split, {})[stem] = (image, mask)
+    return written
+
+
+def read_split(folder: Path, split: str) -> dict[str, dict]:
+    """Every sample of a split as decoded arrays plus its json metadata, by key."""
+    from unetseg.dataset import DatasetInfo
+    from unetseg.imageio import decode_image, decode_mask
+    from unetseg.shards import iter_shard
+
+    samples = {}
+    for shard in DatasetInfo.load(folder).splits[split].shards:
+        for s in iter_shard(folder / shard):
+            ext = "jpg" if "jpg" in s else "png"
+            samples[s["__key__"]] = {
+                "image": decode_image(s[ext]), "mask": decode_mask(s["mask.png"]), "ext": ext,
+                "image_bytes": s[ext], "mask_bytes": s["mask.png"], "meta": json.loads(s["json"]),
+            }
+    return samples
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Hidden partial folders a failed write could have left behind."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))

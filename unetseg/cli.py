@@ -1,0 +1,157 @@
+"""The ``unetseg`` command. Each command parses its options and calls one library function."""
+
+from __future__ import annotations
+
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from unetseg.errors import InputProblems, UnetsegError
+
+app = typer.Typer(
+    help="U-Net semantic segmentation: pack data into shards, train, evaluate, predict.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+shards_app = typer.Typer(help="Inspect and check a shard folder.", no_args_is_help=True)
+app.add_typer(shards_app, name="shards")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class MaskEncoding(str, Enum):
+    index = "index"
+    rgb = "rgb"
+    binary = "binary"
+
+
+class UnknownColor(str, Enum):
+    error = "error"
+    ignore = "ignore"
+
+
+class ImageFormat(str, Enum):
+    keep = "keep"
+    jpg = "jpg"
+    png = "png"
+
+
+class SynthFormat(str, Enum):
+    shards = "shards"
+    folders = "folders"
+
+
+def _print_written(info, folder: Path, seconds: float) -> None:
+    counts = ", ".join(f"{name}: {s.num_samples} samples in {len(s.shards)} shards" for name, s in info.splits.items())
+    out.print(f"wrote {folder} ({counts}) in {seconds:.1f} s")
+
+
+@app.command()
+def synth(
+    out_dir: Path = typer.Option(Path("shards/synthetic"), "--out", help="Folder to write."),
+    train: int = typer.Option(512, help="Training samples."),
+    val: int = typer.Option(128, help="Validation samples."),
+    size: str = typer.Option("128x128", help="Image size, HxW."),
+    seed: int = typer.Option(0, help="Same seed, same bytes."),
+    format: SynthFormat = typer.Option(SynthFormat.shards, help="shards: ready to train; folders: images/, masks/ and classes.json for `unetseg pack`."),
+    shard_size: int = typer.Option(64, help="Samples per shard."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    workers: Optional[int] = typer.Option(None, help="Processes (default: all cores)."),
+) -> None:
+    """Generate the embedded synthetic 10-class dataset (objects told apart by shape)."""
+    from unetseg.synth import synth as run
+
+    start = time.perf_counter()
+    result = run(out_dir, train=train, val=val, size=size, seed=seed, format=format.value,
+                 shard_size=shard_size, overwrite=overwrite, workers=workers, progress=err.is_terminal)
+    if format == SynthFormat.shards:
+        _print_written(result, out_dir, time.perf_counter() - start)
+    else:
+        out.print(f"wrote {out_dir}/images, {out_dir}/masks and {out_dir}/classes.json; pack them with\n"
+                  f"  unetseg pack --images {out_dir}/images --masks {out_dir}/masks --classes {out_dir}/classes.json --out DIR")
+
+
+@app.command()
+def pack(
+    images: Path = typer.Option(..., help="Image folder: split subfolders (train/, val/, ...) or flat."),
+    masks: Path = typer.Option(..., help="Mask folder with the same layout; masks are PNG."),
+    classes: Path = typer.Option(..., help='classes.json: {"names": [...], "palette": [[r,g,b], ...], "ignore_index": int}.'),
+    out_dir: Path = typer.Option(..., "--out", help="Folder to write shards and dataset.json to."),
+    mask_encoding: MaskEncoding = typer.Option(MaskEncoding.index, help="index: 8-bit class ids; rgb: palette colours; binary: 0/255."),
+    unknown_color: UnknownColor = typer.Option(UnknownColor.error, help="rgb masks: a colour not in the palette is an error, or ignore_index."),
+    val_fraction: Optional[float] = typer.Option(None, help="Flat folders only: share of samples drawn (seeded) into a val split."),
+    seed: int = typer.Option(0, help="Seed of the val split and of the sample order in shards."),
+    shard_size: int = typer.Option(64, help="Samples per shard."),
+    image_format: ImageFormat = typer.Option(ImageFormat.keep, help="keep: JPEG/PNG as they are (BMP/TIFF become PNG); or re-encode."),
+    quality: int = typer.Option(95, help="JPEG quality when re-encoding."),
+    max_size: Optional[int] = typer.Option(None, help="Downscale so the long side is at most this (masks with nearest neighbour)."),
+    skip_invalid: bool = typer.Option(False, help="Leave bad pairs out (reported) instead of stopping."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    workers: Optional[int] = typer.Option(None, help="Processes (default: all cores)."),
+) -> None:
+    """Pack folders of images and masks into WebDataset shards with a dataset.json."""
+    from unetseg.pack import pack as run
+
+    start = time.perf_counter()
+    info, passed_over = run(
+        images, masks, classes, out_dir, mask_encoding=mask_encoding.value, unknown_color=unknown_color.value,
+        val_fraction=val_fraction, seed=seed, shard_size=shard_size, image_format=image_format.value,
+        quality=quality, max_size=max_size, skip_invalid=skip_invalid, overwrite=overwrite, workers=workers,
+        progress=err.is_terminal,
+    )
+    for path in passed_over[:10]:
+        err.print(f"[yellow]passed over[/] {path}: not an image/mask file extension")
+    if len(passed_over) > 10:
+        err.print(f"[yellow]passed over[/] {len(passed_over) - 10} more files with other extensions")
+    if info.skipped:
+        err.print(f"[yellow]skipped {len(info.skipped)} invalid pair(s)[/] (listed under \"skipped\" in dataset.json):")
+        for p in info.skipped:
+            err.print(f"  - {p['path']}: {p['what']}. Fix: {p['fix']}", markup=False)
+    _print_written(info, out_dir, time.perf_counter() - start)
+
+
+@shards_app.command("info")
+def shards_info(folder: Path = typer.Argument(..., help="A shard folder with dataset.json.")) -> None:
+    """Samples per split and the class-frequency table."""
+    from unetseg.dataset import DatasetInfo
+    from unetseg.shards import shards_info_table
+
+    for table in shards_info_table(DatasetInfo.load(folder), folder):
+        out.print(table)
+
+
+@shards_app.command("verify")
+def shards_verify(folder: Path = typer.Argument(..., help="A shard folder with dataset.json.")) -> None:
+    """Decode every sample and check it against dataset.json; non-zero exit on any problem."""
+    from unetseg.shards import verify_shards
+
+    start = time.perf_counter()
+    problems = verify_shards(folder, progress=err.is_terminal)
+    if problems:
+        err.print(f"[red]{folder}: {len(problems)} problem(s)[/]")
+        for p in problems:
+            err.print(f"  - {p}", markup=False, highlight=False)
+        raise typer.Exit(1)
+    out.print(f"{folder}: every sample decodes and matches dataset.json ({time.perf_counter() - start:.1f} s)")
+
+
+def main() -> None:
+    """Console entry point: user errors print as a message with the fix, no traceback."""
+    try:
+        app()
+    except InputProblems as e:
+        err.print(f"[red]error:[/] {e.args[0].splitlines()[0]}")
+        for p in e.problems:
+            err.print(f"  - {p}", markup=False, highlight=False)
+        sys.exit(1)
+    except UnetsegError as e:
+        err.print("[red]error:[/] ", end="")
+        err.print(str(e), markup=False, highlight=False)
+        sys.exit(1)
