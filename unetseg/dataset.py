@@ -172,7 +172,7 @@ class DatasetInfo:
     def load(cls, folder: str | os.PathLike) -> DatasetInfo:
         """Read ``folder/dataset.json`` (or the file itself if a file is given)."""
         path = Path(folder)
-        if path.is_dir():
+        if path.suffix != ".json":
             path = path / DATASET_JSON
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -182,6 +182,12 @@ class DatasetInfo:
             ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UnetsegError(f"{path}: not valid JSON ({e}). Fix: re-run `unetseg pack`") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = DATASET_JSON) -> DatasetInfo:
+        """Validate parsed ``dataset.json`` content; ``source`` names it in errors."""
+        path = source
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise UnetsegError(f"{path}: not an unetseg dataset.json. Fix: re-run `unetseg pack`")
         if data.get("format_version", 0) > FORMAT_VERSION:

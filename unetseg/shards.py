@@ -238,17 +238,28 @@ class ShardReadError(Exception):
     """A shard that cannot be read to its end (truncated or not a tar file)."""
 
 
-def iter_shard(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Yield the samples of one local shard as ``{"__key__": key, ext: bytes, ...}``.
+def open_url(url: str | os.PathLike):
+    """A binary stream for a local path, ``file:``, ``http(s)://``, ``pipe:CMD`` or any
+    other scheme webdataset's ``gopen`` handles."""
+    text = str(url)
+    if "://" not in text and not text.startswith("pipe:"):
+        return open(text, "rb")
+    from webdataset.gopen import gopen
+
+    return gopen(text, "rb")
+
+
+def iter_shard(url: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """Yield the samples of one shard as ``{"__key__": key, "__url__": url, ext: bytes, ...}``.
 
     Raises :class:`ShardReadError` naming the shard and how many samples were read when
-    the file ends early or is not a tar file.
+    it cannot be opened, is not a tar file, or ends early. A sample cut by the end of
+    the file is not yielded.
     """
-    path = Path(path)
     count = 0
     sample: dict[str, Any] = {}
     try:
-        with tarfile.open(path, mode="r|") as tar:
+        with open_url(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -263,13 +274,14 @@ def iter_shard(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                     # tarfile returns what is there; a short member means the file was cut.
                     raise EOFError(f"{member.name} has {len(data)} of its {member.size} bytes")
                 sample.setdefault("__key__", key)
+                sample.setdefault("__url__", str(url))
                 sample[ext] = data
-            # tarfile also stops quietly at a header cut short; a complete archive ends
-            # with two zero blocks after the last member.
-            if path.stat().st_size - tar.offset < 2 * tarfile.BLOCKSIZE:
+            # tarfile also stops quietly at a header cut short. A complete archive ends
+            # with two zero blocks: tarfile has read the first, the second must follow.
+            if len(tar.fileobj.read(tarfile.BLOCKSIZE)) < tarfile.BLOCKSIZE:
                 raise EOFError("the file ends without the end-of-archive blocks")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ShardReadError(f"{path}: unreadable after {count} complete samples ({type(e).__name__}: {e})") from None
+    except Exception as e:  # any scheme's failure to open or read the shard (gopen pipes raise plain Exception)
+        raise ShardReadError(f"{url}: unreadable after {count} complete samples ({type(e).__name__}: {e})") from None
     if sample:
         yield sample
 

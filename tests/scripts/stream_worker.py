@@ -1,0 +1,36 @@
+"""One rank of the multi-process streaming test: records which keys each stream gave it.
+
+Usage: stream_worker.py OUT_DIR DATA_FOLDER [DATA_FOLDER ...]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from unetseg.stream import EvalStream, StreamStats, TrainStream, batches_per_epoch, iterate, make_loader, open_source
+from unetseg.transforms import EvalTransform, EvalTransformConfig, TrainTransform, TrainTransformConfig
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+out, folders = Path(sys.argv[1]), sys.argv[2:]
+results = {}
+for folder in folders:
+    for workers in (0, 2):
+        for counts in ("known", "unknown"):
+            source = open_source(folder, "val")
+            if counts == "unknown":
+                source.counts = None  # as for a URL pattern without dataset.json sizes
+            stream = EvalStream(source, EvalTransform(EvalTransformConfig()), 2, rank=rank, world_size=world)
+            keys = [k for b in iterate(make_loader(stream, workers), StreamStats()) for k in b["keys"]]
+            results[f"eval|{folder}|{workers}|{counts}"] = keys
+    source = open_source(folder, "train")
+    per_epoch = batches_per_epoch(source.num_samples, 2, world)
+    stream = TrainStream(source, TrainTransform(TrainTransformConfig(crop_size=16), source.info.classes.ignore_index), 2,
+                         batches_per_epoch=per_epoch, rank=rank, world_size=world, seed=3, shuffle_buffer=4)
+    batches = iterate(make_loader(stream, 2), StreamStats())
+    results[f"train|{folder}"] = {"per_epoch": per_epoch, "batches": [next(batches)["keys"] for _ in range(2 * per_epoch)]}
+(out / f"rank{rank}.json").write_text(json.dumps(results))
+dist.barrier()
+dist.destroy_process_group()

@@ -1,0 +1,259 @@
+"""The streaming pipeline: exact-once evaluation, the training stream, bad data, http."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from multiproc import free_port, run_distributed
+from unetseg.dataset import DatasetInfo
+from unetseg.errors import UnetsegError
+from unetseg.shards import iter_shard, shard_name
+from unetseg.stream import (
+    EvalStream, StreamStats, TrainStream, iterate, make_loader, open_source, reader_range,
+)
+from unetseg.synth import synth
+from unetseg.transforms import EvalTransform, EvalTransformConfig, TrainTransform, TrainTransformConfig
+
+
+def reshard(folder: Path, split: str, sizes: list[int]) -> None:
+    """Rewrite a split's shards with the given sample counts (any layout a packer could make)."""
+    import webdataset as wds
+
+    info = DatasetInfo.load(folder)
+    samples = [s for name in info.splits[split].shards for s in iter_shard(folder / name)]
+    assert sum(sizes) == len(samples)
+    for name in info.splits[split].shards:
+        (folder / name).unlink()
+    names, it = [], iter(samples)
+    for i, size in enumerate(sizes):
+        names.append(shard_name(split, i))
+        with wds.TarWriter(str(folder / names[-1]), encoder=False) as tar:
+            for _ in range(size):
+                s = next(it)
+                tar.write({k: v for k, v in s.items() if k != "__url__"})
+    info.splits[split].shards, info.splits[split].shard_num_samples = names, sizes
+    (folder / "dataset.json").write_text(info.to_json())
+
+
+def make(tmp_path: Path, name: str, train=13, val=13, size="24x24", **kw) -> Path:
+    synth(tmp_path / name, train=train, val=val, size=size, workers=1, progress=False, **kw)
+    return tmp_path / name
+
+
+def all_keys(folder: Path, split: str) -> list[str]:
+    info = DatasetInfo.load(folder)
+    return [s["__key__"] for n in info.splits[split].shards for s in iter_shard(folder / n)]
+
+
+def eval_keys(source, workers=0, rank=0, world=1, resize=None) -> list[str]:
+    stream = EvalStream(source, EvalTransform(EvalTransformConfig(resize=resize)), 3, rank=rank, world_size=world)
+    return [k for b in iterate(make_loader(stream, workers), StreamStats()) for k in b["keys"]]
+
+
+def train_stream(source, workers=0, start=0, seed=0, per_epoch=5, crop=16, **kw):
+    t = TrainTransform(TrainTransformConfig(crop_size=crop, jitter=0.3), source.info.classes.ignore_index)
+    stream = TrainStream(source, t, 3, batches_per_epoch=per_epoch, seed=seed, start_batch=start, shuffle_buffer=8, **kw)
+    return iterate(make_loader(stream, workers), StreamStats(kw.get("max_bad_samples", 10)))
+
+
+@pytest.mark.multiprocess
+def test_exact_once_over_two_processes_any_shard_layout(tmp_path):
+    folders = []
+    for n_shards, sizes in ((1, [13]), (3, [5, 5, 3]), (8, [1, 1, 1, 1, 1, 1, 1, 6])):
+        folder = make(tmp_path, f"s{n_shards}")
+        reshard(folder, "val", sizes)
+        reshard(folder, "train", sizes)
+        folders.append(folder)
+    run_distributed([str(REPO / "tests" / "scripts" / "stream_worker.py"), str(tmp_path), *map(str, folders)], nproc=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for folder in folders:
+        expected = sorted(all_keys(folder, "val"))
+        assert len(expected) == 13
+        for workers in (0, 2):
+            for counts in ("known", "unknown"):
+                key = f"eval|{folder}|{workers}|{counts}"
+                union = ranks[0][key] + ranks[1][key]
+                assert sorted(union) == expected, (key, ranks[0][key], ranks[1][key])  # all, none twice
+        train = [r[f"train|{folder}"] for r in ranks]
+        assert train[0]["per_epoch"] == train[1]["per_epoch"] == 4  # ceil(13 / (2 * 2))
+        assert len(train[0]["batches"]) == len(train[1]["batches"]) == 8
+        assert train[0]["batches"] != train[1]["batches"]  # ranks draw different data
+
+
+def test_reader_ranges_tile_the_split():
+    for total in (0, 1, 5, 13, 100):
+        for readers in (1, 2, 3, 4, 16):
+            ranges = [reader_range(total, r, readers) for r in range(readers)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == total
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_eval_stream_single_process_and_resize_carries_full_masks(tmp_path):
+    folder = make(tmp_path, "s", val=7)
+    source = open_source(folder, "val")
+    assert sorted(eval_keys(source, workers=2)) == sorted(all_keys(folder, "val"))
+    stream = EvalStream(source, EvalTransform(EvalTransformConfig(resize=16)), 4)
+    batches = list(iterate(make_loader(stream), StreamStats()))
+    assert [len(b["keys"]) for b in batches] == [4, 3]
+    b = batches[0]
+    assert b["image"].shape == (4, 3, 16, 16) and b["mask"].shape == (4, 16, 16)
+    assert [tuple(m.shape) for m in b["full_mask"]] == [(24, 24)] * 4
+    assert [tuple(s) for s in b["sizes"]] == [(24, 24)] * 4
+    originals = {s["__key__"]: s for n in DatasetInfo.load(folder).splits["val"].shards for s in iter_shard(folder / n)}
+    from unetseg.imageio import decode_mask
+
+    for key, full in zip(b["keys"], b["full_mask"]):
+        np.testing.assert_array_equal(full.numpy(), decode_mask(originals[key]["mask.png"]))
+
+
+def test_eval_pads_mixed_sizes_with_ignore(tmp_path):
+    a = make(tmp_path, "a", train=1, val=2, size="20x24")
+    b = make(tmp_path, "b", train=1, val=1, size="16x30", seed=1)
+    source = open_source(f"{a}/val-000000.tar::{b}/val-000000.tar", "val")
+    stream = EvalStream(source, EvalTransform(EvalTransformConfig()), 3)
+    (batch,) = list(iterate(make_loader(stream), StreamStats()))
+    assert batch["image"].shape == (3, 3, 20, 30)
+    assert [tuple(s) for s in batch["sizes"]] == [(20, 24), (20, 24), (16, 30)]
+    assert (batch["mask"][0, :, 24:] == 255).all() and (batch["mask"][2, 16:, :] == 255).all()
+    assert (batch["image"][2, :, 16:, :] == 0).all()
+
+
+def test_train_stream_is_deterministic_and_resumes_at_any_batch(tmp_path):
+    folder = make(tmp_path, "s", train=11, val=1)
+    reshard(folder, "train", [4, 4, 3])
+    source = open_source(folder, "train")
+    for workers in (0, 2):
+        straight = [next(it) for it in [train_stream(source, workers)] for _ in range(12)]
+        again = train_stream(source, workers)
+        for b in straight:
+            nb = next(again)
+            assert nb["keys"] == b["keys"] and torch.equal(nb["image"], b["image"]) and torch.equal(nb["mask"], b["mask"])
+        for k in (3, 5, 8):  # mid-epoch, at an epoch boundary, in the second epoch (5 batches per epoch)
+            resumed = train_stream(source, workers, start=k)
+            for b in straight[k:]:
+                nb = next(resumed)
+                assert nb["keys"] == b["keys"], (workers, k)
+                assert torch.equal(nb["image"], b["image"]) and torch.equal(nb["mask"], b["mask"])
+    other = train_stream(source, 0, seed=1)
+    assert [next(other)["keys"] for _ in range(5)] != [b["keys"] for b in straight[:5]]
+
+
+def test_train_batches_have_the_crop_size_and_valid_labels(tmp_path):
+    folder = make(tmp_path, "s", train=6, val=1)
+    it = train_stream(open_source(folder, "train"), crop=32)  # larger than the 24x24 images: padded
+    for _ in range(4):
+        b = next(it)
+        assert b["image"].shape == (3, 3, 32, 32) and b["image"].dtype == torch.float32
+        assert b["mask"].dtype == torch.int64
+        assert set(b["mask"].unique().tolist()) <= set(range(10)) | {255}
+
+
+def corrupt(folder: Path, shard: str, which: int) -> str:
+    """Replace the image of the ``which``-th sample of a shard with bytes that don't decode."""
+    path = folder / shard
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    import io
+
+    key = None
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            if m.name.endswith(".jpg") and which == 0:
+                key, data = m.name.split(".")[0], b"\xff\xd8 broken jpeg"
+                m.size = len(data)
+            if m.name.endswith(".jpg"):
+                which -= 1
+            tar.addfile(m, io.BytesIO(data))
+    return key
+
+
+def test_corrupt_sample_is_skipped_counted_and_budget_stops(tmp_path):
+    folder = make(tmp_path, "s", train=6, val=6)
+    bad_key = corrupt(folder, "val-000000.tar", 2)
+    corrupt(folder, "train-000000.tar", 1)
+    source = open_source(folder, "val")
+    stats = StreamStats(max_bad_samples=3)
+    stream = EvalStream(source, EvalTransform(EvalTransformConfig()), 4)
+    keys = [k for b in iterate(make_loader(stream), stats) for k in b["keys"]]
+    assert sorted(keys) == sorted(set(all_keys(folder, "val")) - {bad_key})
+    assert stats.bad_samples == 1 and stats.reduce() == 1
+    assert any(bad_key in r for r in stats.recent)
+    it = train_stream(open_source(folder, "train"), workers=0, max_bad_samples=5)
+    [next(it) for _ in range(3)]
+    with pytest.raises(UnetsegError) as e:
+        for _ in iterate(make_loader(EvalStream(source, EvalTransform(EvalTransformConfig()), 4)), StreamStats(0)):
+            pass
+    assert "val-000000.tar" in str(e.value) and "--max-bad-samples 0" in str(e.value) and "shards verify" in str(e.value)
+    with pytest.raises(UnetsegError, match="train-000000.tar"):
+        it = train_stream(open_source(folder, "train"), workers=2, max_bad_samples=0)
+        for _ in range(10):
+            next(it)
+
+
+def test_truncated_shard_counts_its_missing_samples(tmp_path):
+    folder = make(tmp_path, "s", train=2, val=8, shard_size=4)
+    shard = folder / "val-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    stats = StreamStats()
+    keys = [k for b in iterate(make_loader(EvalStream(open_source(folder, "val"), EvalTransform(EvalTransformConfig()), 4)), stats)
+            for k in b["keys"]]
+    assert len(keys) + stats.bad_samples == 8 and stats.bad_samples >= 3
+    assert any("val-000001.tar" in r for r in stats.recent)
+
+
+def test_eval_stream_refuses_a_train_transform(tmp_path):
+    folder = make(tmp_path, "s", train=1, val=1)
+    source = open_source(folder, "val")
+    with pytest.raises(TypeError):
+        EvalStream(source, TrainTransform(TrainTransformConfig(), 255), 2)
+    with pytest.raises(TypeError):
+        TrainStream(source, EvalTransform(EvalTransformConfig()), 2, batches_per_epoch=1)
+
+
+def test_missing_split_and_folder_errors(tmp_path):
+    folder = make(tmp_path, "s", train=1, val=1)
+    with pytest.raises(UnetsegError, match="no split 'test'"):
+        open_source(folder, "test")
+    with pytest.raises(UnetsegError, match="dataset.json: no such file"):
+        open_source(tmp_path / "nowhere", "val")
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(base, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield base
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_shards_stream_over_http(tmp_path, http_server):
+    folder = make(tmp_path, "s", train=8, val=7, shard_size=3)
+    expected = sorted(all_keys(folder, "val"))
+    source = open_source(f"{http_server}/s", "val")
+    assert source.urls[0].startswith("http://127.0.0.1") and source.counts == [3, 3, 1]
+    assert sorted(eval_keys(source, workers=2)) == expected
+    pattern = open_source(f"{http_server}/s/val-{{000000..000002}}.tar", "val")
+    assert sorted(eval_keys(pattern)) == expected
+    local = [next(it)["keys"] for it in [train_stream(open_source(folder, "train"))] for _ in range(4)]
+    remote = [next(it)["keys"] for it in [train_stream(open_source(f"{http_server}/s", "train"))] for _ in range(4)]
+    assert local == remote

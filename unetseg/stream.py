@@ -1,0 +1,477 @@
+"""Streaming shards into batches: the training stream and the exact-once evaluation stream.
+
+Sources
+    A shard folder (local path or ``http(s)://`` base URL) with ``dataset.json``, or an
+    explicit brace pattern / ``::``-separated list of shard URLs (local paths, ``http(s)://``,
+    ``pipe:CMD``, and whatever else webdataset's ``gopen`` opens). For a pattern,
+    ``dataset.json`` is looked up beside the first shard unless given.
+
+Training stream (:class:`TrainStream`)
+    Infinite and resampled: every DataLoader worker of every rank runs its own seeded
+    stream that picks shards at random (with replacement), reads them through a shuffle
+    buffer, decodes and augments in the worker, and batches. A rank's batches come from
+    its workers in turn, so with ``batches_per_epoch`` the same on every rank no rank
+    ever waits for another at the end of an epoch. The stream never ends: an epoch is
+    just the next ``batches_per_epoch`` batches, so no worker restarts between epochs and
+    no per-worker epoch length has to be divided out.
+
+    What is reproducible: for a given seed, world size, worker count, batch size,
+    ``batches_per_epoch`` and data, batch *b* of rank *r* is always the same, and a
+    stream started at ``start_batch=k`` yields exactly the batches a stream started at 0
+    yields from *k* on (resume mid-epoch). Each epoch of each (rank, worker) stream is
+    seeded from ``(seed, epoch, rank, stream)``, and each sample's augmentation from its
+    position in that stream. What is not: a different worker count or world size gives
+    other batches (they are different streams), and samples that fail to decode shift
+    the samples after them, so resume is exact only on data without bad samples.
+
+Evaluation stream (:class:`EvalStream`)
+    Every sample of a split exactly once across all ranks and workers: with per-shard
+    sample counts (from ``dataset.json``) the split's samples, in shard order, are cut
+    into one contiguous range per (rank, worker), so splits with fewer shards than
+    readers are split by sample; without counts, whole shards are dealt round-robin.
+    Ranks may get different numbers of batches; nothing is padded or repeated.
+
+Bad data
+    A sample that fails to decode, or a shard that cannot be read to its end, is skipped
+    and counted. Batches carry each worker's running count; :class:`StreamStats` sums
+    them on the rank, ``StreamStats.reduce`` over ranks, and the run stops with a message
+    naming the shard once more than ``max_bad_samples`` were skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+
+from unetseg.dataset import DATASET_JSON, DatasetInfo
+from unetseg.errors import UnetsegError
+from unetseg.shards import IMAGE_EXTS, MASK_EXT, ShardReadError, iter_shard, open_url
+from unetseg.transforms import EvalTransform, TrainTransform
+
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they are still
+# the fastest decoders here (docs/benchmarks.md), so keep them and keep the logs quiet.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
+
+DEFAULT_MAX_BAD_SAMPLES = 10
+DEFAULT_SHUFFLE_BUFFER = 256
+# A stream that reads this many shards in a row without one good sample stops.
+_MAX_EMPTY_SHARDS = 50
+
+
+# --- sources -------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """The shards of one split, with their sample counts when known."""
+
+    urls: list[str]
+    counts: list[int] | None
+    info: DatasetInfo
+    split: str
+
+    @property
+    def num_samples(self) -> int | None:
+        return sum(self.counts) if self.counts is not None else None
+
+
+def _is_remote(text: str) -> bool:
+    return "://" in text or text.startswith("pipe:")
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}" if _is_remote(base) else str(Path(base) / name)
+
+
+def load_dataset_json(location: str | os.PathLike) -> DatasetInfo:
+    """``dataset.json`` from a local folder or file, or from a URL."""
+    text = str(location)
+    if not _is_remote(text):
+        return DatasetInfo.load(text)
+    url = text if text.endswith(".json") else _join(text, DATASET_JSON)
+    try:
+        with open_url(url) as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except Exception as e:
+        raise UnetsegError(f"{url}: cannot read dataset.json ({e}). Fix: check the URL, or pass the file with --dataset-json") from None
+    return DatasetInfo.from_dict(data, source=url)
+
+
+def open_source(data: str | os.PathLike, split: str, dataset_json: str | os.PathLike | None = None) -> Source:
+    """Resolve ``data`` (a shard folder or URL, or a shard pattern) to the shards of ``split``."""
+    from braceexpand import braceexpand
+
+    text = str(data)
+    if "{" in text or text.endswith(".tar") or "::" in text:
+        urls = [u for part in text.split("::") for u in braceexpand(part)]
+        location = dataset_json or _join(urls[0].rsplit("/", 1)[0] if "/" in urls[0] else ".", DATASET_JSON)
+        if urls[0].startswith("pipe:") and dataset_json is None:
+            raise UnetsegError(f"{text}: a pipe: pattern has no folder to find dataset.json in. Fix: pass --dataset-json")
+        info = load_dataset_json(location)
+        s = info.split(split, source=str(location))
+        by_name = dict(zip(s.shards, s.shard_num_samples))
+        names = [u.rsplit("/", 1)[-1] for u in urls]
+        counts = [by_name[n] for n in names] if all(n in by_name for n in names) else None
+        return Source(urls=urls, counts=counts, info=info, split=split)
+    info = load_dataset_json(text)
+    s = info.split(split, source=_join(text, DATASET_JSON))
+    return Source(urls=[_join(text, n) for n in s.shards], counts=list(s.shard_num_samples), info=info, split=split)
+
+
+# --- decoding and batching -------------------------------------------------------------
+
+
+def decode_pair(sample: dict[str, Any]) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    """Decode a raw shard sample with ``torchvision.io`` (measured faster than Pillow for
+    both JPEG and PNG: docs/benchmarks.md). Raises ``ValueError`` on any problem."""
+    exts = [e for e in IMAGE_EXTS if e in sample]
+    if len(exts) != 1 or MASK_EXT not in sample:
+        raise ValueError(f"expected one image ({'/'.join(IMAGE_EXTS)}) and a {MASK_EXT}, found {sorted(sample)}")
+    try:
+        image = decode_image(torch.frombuffer(bytearray(sample[exts[0]]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        mask = decode_image(torch.frombuffer(bytearray(sample[MASK_EXT]), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"does not decode ({e})") from None
+    if mask.shape[0] != 1:
+        raise ValueError(f"mask has {mask.shape[0]} channels, expected 1")
+    if image.shape[1:] != mask.shape[1:]:
+        raise ValueError(f"image is {tuple(image.shape[1:])} but mask is {tuple(mask.shape[1:])}")
+    return tv_tensors.Image(image), tv_tensors.Mask(mask[0])
+
+
+def collate(images: list[torch.Tensor], masks: list[torch.Tensor], pad_label: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack, padding to the largest size in the batch (bottom/right): images with 0,
+    masks with ``pad_label`` so the padding counts in no loss or metric."""
+    height = max(m.shape[-2] for m in masks)
+    width = max(m.shape[-1] for m in masks)
+    image_batch = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+    mask_batch = torch.full((len(masks), height, width), pad_label, dtype=torch.int64)
+    for i, (img, m) in enumerate(zip(images, masks)):
+        image_batch[i, :, : img.shape[-2], : img.shape[-1]] = img
+        mask_batch[i, : m.shape[-2], : m.shape[-1]] = m
+    return image_batch, mask_batch
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class _BadLog:
+    """A worker's running count of skipped samples, attached to each batch it yields."""
+
+    def __init__(self, budget: int):
+        self.budget, self.count, self.recent = budget, 0, deque(maxlen=3)
+        info = get_worker_info()
+        self.worker = info.id if info else 0
+
+    def add(self, where: str, error: str, n: int = 1) -> None:
+        self.count += n
+        self.recent.append(f"{where}: {error}")
+
+    @property
+    def over_budget(self) -> bool:
+        return self.count > self.budget
+
+    def tag(self, batch: dict[str, Any]) -> dict[str, Any]:
+        batch["_bad"] = (self.worker, self.count, tuple(self.recent))
+        return batch
+
+    def error_batch(self) -> dict[str, Any]:
+        # Raising inside a worker reaches the main process wrapped in a traceback; a
+        # marker batch lets the main process stop with a plain message instead.
+        return self.tag({"_error": f"more than {self.budget} bad samples in one worker"})
+
+
+def _read(urls: list[str], bad: _BadLog, order: Iterator[int]) -> Iterator[dict[str, Any]]:
+    """Raw samples from the shards ``order`` names; unreadable parts are counted."""
+    empty = 0
+    for index in order:
+        got = 0
+        try:
+            for sample in iter_shard(urls[index]):
+                got += 1
+                yield sample
+        except ShardReadError as e:
+            bad.add(urls[index], str(e).split(": ", 1)[-1])
+            if bad.over_budget:
+                return
+        empty = 0 if got else empty + 1
+        if empty >= _MAX_EMPTY_SHARDS:
+            bad.add(urls[index], f"{_MAX_EMPTY_SHARDS} shards in a row gave no sample")
+            bad.count = bad.budget + 1
+            return
+
+
+# --- training -------------------------------------------------------------------------
+
+
+def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Batches each rank takes per epoch so that an epoch covers the split about once."""
+    return max(1, math.ceil(num_samples / (batch_size * world_size)))
+
+
+class TrainStream(IterableDataset):
+    """Infinite, resampled, shuffled, augmented training batches (see the module docstring)."""
+
+    def __init__(
+        self,
+        source: Source,
+        transform: TrainTransform,
+        batch_size: int,
+        *,
+        batches_per_epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        start_batch: int = 0,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        max_bad_samples: int = DEFAULT_MAX_BAD_SAMPLES,
+    ):
+        if not isinstance(transform, TrainTransform):
+            raise TypeError("TrainStream takes a TrainTransform")
+        self.source, self.transform, self.batch_size = source, transform, batch_size
+        self.batches_per_epoch, self.rank, self.world_size = batches_per_epoch, rank, world_size
+        self.seed, self.start_batch, self.shuffle_buffer = seed, start_batch, max(1, shuffle_buffer)
+        self.max_bad_samples = max_bad_samples
+        self.pad_label = 255 if source.info.classes.ignore_index is None else source.info.classes.ignore_index
+
+    def _samples(self, epoch: int, stream: int, bad: _BadLog) -> Iterator[dict[str, Any]]:
+        """Raw samples of one (epoch, stream): resampled shards through a shuffle buffer."""
+        rng = random.Random(_seed(self.seed, epoch, self.rank, stream))
+        n = len(self.source.urls)
+        shard_order = iter(lambda: rng.randrange(n), None)  # endless picks, with replacement
+        buffer: list[dict[str, Any]] = []
+        for sample in _read(self.source.urls, bad, shard_order):
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                i = rng.randrange(len(buffer))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                yield buffer.pop()
+
+    def _batches(self, epoch: int, stream: int, skip: int, bad: _BadLog) -> Iterator[dict[str, Any]]:
+        """Batches of one (epoch, stream), from its ``skip``-th on; skipped ones are not decoded."""
+        images, masks, keys = [], [], []
+        position = 0
+        for sample in self._samples(epoch, stream, bad):
+            if position < skip * self.batch_size:
+                position += 1
+                continue
+            try:
+                image, mask = decode_pair(sample)
+            except ValueError as e:
+                bad.add(f"{sample['__url__']} sample {sample['__key__']!r}", str(e))
+                if bad.over_budget:
+                    yield bad.error_batch()
+                    return
+                continue
+            # Each sample's augmentation is seeded by its place in the stream, so it does
+            # not depend on what was skipped; fork_rng keeps the caller's RNG untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_seed(self.seed, epoch, self.rank, stream, position, 1))
+                image, mask = self.transform(image, mask)
+            position += 1
+            images.append(image)
+            masks.append(mask)
+            keys.append(sample["__key__"])
+            if len(images) == self.batch_size:
+                image_batch, mask_batch = collate(images, masks, self.pad_label)
+                yield bad.tag({"image": image_batch, "mask": mask_batch, "keys": keys})
+                images, masks, keys = [], [], []
+        if bad.over_budget:
+            yield bad.error_batch()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        bad = _BadLog(self.max_bad_samples)
+        per_epoch = self.batches_per_epoch
+        # The DataLoader takes batches from its workers in turn, so this worker serves
+        # global batches start + worker, + workers, ... Batch b of epoch e is batch
+        # (b - e*N) // workers of stream (b - e*N) % workers of that epoch.
+        batch = self.start_batch + worker
+        current, batches = None, iter(())
+        while True:
+            epoch, local = divmod(batch, per_epoch)
+            stream, index = local % workers, local // workers
+            if current != (epoch, stream):
+                current, batches = (epoch, stream), self._batches(epoch, stream, index, bad)
+            out = next(batches, None)
+            if out is None:
+                return  # only after an error batch: the stream itself is endless
+            yield out
+            if "_error" in out:
+                return
+            batch += workers
+
+
+# --- evaluation -----------------------------------------------------------------------
+
+
+def reader_range(total: int, reader: int, readers: int) -> tuple[int, int]:
+    """The contiguous sample range ``[lo, hi)`` of reader ``reader`` out of ``readers``."""
+    return total * reader // readers, total * (reader + 1) // readers
+
+
+class EvalStream(IterableDataset):
+    """Every sample of a split exactly once over all ranks and workers, in batches that
+    carry ``keys``, the original ``sizes`` and, when the transform resizes, ``full_mask``
+    (the original masks, a list) for metrics at the original resolution."""
+
+    def __init__(
+        self,
+        source: Source,
+        transform: EvalTransform,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        max_bad_samples: int = DEFAULT_MAX_BAD_SAMPLES,
+    ):
+        if not isinstance(transform, EvalTransform):
+            raise TypeError("EvalStream takes an EvalTransform: evaluation never augments")
+        self.source, self.transform, self.batch_size = source, transform, batch_size
+        self.rank, self.world_size, self.max_bad_samples = rank, world_size, max_bad_samples
+        self.pad_label = 255 if source.info.classes.ignore_index is None else source.info.classes.ignore_index
+
+    def _my_samples(self, reader: int, readers: int, bad: _BadLog) -> Iterator[dict[str, Any]]:
+        urls, counts = self.source.urls, self.source.counts
+        if counts is None:  # unknown sizes: deal whole shards
+            yield from _read(urls, bad, iter(range(reader, len(urls), readers)))
+            return
+        lo, hi = reader_range(sum(counts), reader, readers)
+        offset = 0
+        for url, count in zip(urls, counts):
+            start, offset = offset, offset + count
+            if offset <= lo or start >= hi:
+                continue
+            expected = min(hi, offset) - max(lo, start)
+            delivered, error = 0, "the shard holds fewer samples than dataset.json says"
+            try:
+                for j, sample in enumerate(iter_shard(url)):
+                    if start + j >= hi:
+                        break
+                    if start + j >= lo:
+                        delivered += 1
+                        yield sample
+            except ShardReadError as e:
+                error = str(e).split(": ", 1)[-1]
+            if delivered < expected:
+                bad.add(url, f"{expected - delivered} samples missing: {error}", n=expected - delivered)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        bad = _BadLog(self.max_bad_samples)
+        reader, readers = self.rank * workers + worker, self.world_size * workers
+        resize = self.transform.resize is not None
+        images, masks, full, keys, sizes = [], [], [], [], []
+
+        def emit():
+            image_batch, mask_batch = collate(images, masks, self.pad_label)
+            batch = {"image": image_batch, "mask": mask_batch, "keys": list(keys), "sizes": list(sizes)}
+            if resize:
+                batch["full_mask"] = list(full)
+            return bad.tag(batch)
+
+        for sample in self._my_samples(reader, readers, bad):
+            try:
+                image, mask = decode_pair(sample)
+            except ValueError as e:
+                bad.add(f"{sample['__url__']} sample {sample['__key__']!r}", str(e))
+                continue
+            sizes.append(tuple(mask.shape))
+            if resize:
+                full.append(mask.to(torch.int64))
+            image, mask = self.transform(image, mask)
+            images.append(image)
+            masks.append(mask)
+            keys.append(sample["__key__"])
+            if len(images) == self.batch_size:
+                yield emit()
+                images, masks, full, keys, sizes = [], [], [], [], []
+            if bad.over_budget:
+                yield bad.error_batch()
+                return
+        if images:
+            yield emit()
+        elif bad.count:
+            yield bad.tag({"_empty": True})  # no batch left to carry the final count
+        if bad.over_budget:
+            yield bad.error_batch()
+
+
+# --- loaders and bad-sample accounting -------------------------------------------------
+
+
+class StreamStats:
+    """Bad-sample counts of one rank's loader, summed over its workers."""
+
+    def __init__(self, max_bad_samples: int = DEFAULT_MAX_BAD_SAMPLES):
+        self.max_bad_samples = max_bad_samples
+        self.by_worker: dict[int, int] = {}
+        self.recent: deque[str] = deque(maxlen=5)
+
+    @property
+    def bad_samples(self) -> int:
+        return sum(self.by_worker.values())
+
+    def update(self, batch: dict[str, Any]) -> None:
+        worker, count, recent = batch.pop("_bad", (0, 0, ()))
+        if count != self.by_worker.get(worker, 0):
+            self.recent.extend(recent)
+        self.by_worker[worker] = count
+        if "_error" in batch or self.bad_samples > self.max_bad_samples:
+            self.fail(self.bad_samples)
+
+    def fail(self, total: int) -> None:
+        last = "\n  ".join(self.recent) or "(no detail)"
+        raise UnetsegError(
+            f"{total} bad samples, more than --max-bad-samples {self.max_bad_samples}; the last ones:\n  {last}\n"
+            "Fix: run `unetseg shards verify` on the shard folder and re-pack the shards it names, "
+            "or raise --max-bad-samples"
+        )
+
+    def reduce(self) -> int:
+        """Bad samples summed over all ranks (a collective: every rank must call it)."""
+        from unetseg.distributed import all_reduce_sum
+
+        total = int(all_reduce_sum(torch.tensor([self.bad_samples], dtype=torch.int64)).item())
+        if total > self.max_bad_samples:
+            self.fail(total)
+        return total
+
+
+def iterate(loader: DataLoader, stats: StreamStats) -> Iterator[dict[str, Any]]:
+    """Batches of ``loader`` with the bad-sample bookkeeping taken off and checked."""
+    for batch in loader:
+        stats.update(batch)
+        if "_empty" not in batch:
+            yield batch
+
+
+def make_loader(dataset: TrainStream | EvalStream, num_workers: int = 0, pin_memory: bool | None = None) -> DataLoader:
+    """A DataLoader over a stream that batches itself. Eval loaders keep their workers
+    between evaluations (the stream is stateless); the train stream is endless, so its
+    workers start once anyway."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=num_workers > 0 and isinstance(dataset, EvalStream),
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
