@@ -281,7 +281,7 @@ class TrainStream(IterableDataset):
             # Each sample's augmentation is seeded by its place in the stream, so it does
             # not depend on what was skipped; fork_rng keeps the caller's RNG untouched.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_seed(self.seed, epoch, self.rank, stream, position, 1))
+                torch.default_generator.manual_seed(_seed(self.seed, epoch, self.rank, stream, position, 1))
                 image, mask = self.transform(image, mask)
             position += 1
             images.append(image)
