@@ -44,6 +44,7 @@ import json
 import math
 import os
 import random
+import signal
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -474,4 +475,15 @@ def make_loader(dataset: TrainStream | EvalStream, num_workers: int = 0, pin_mem
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=num_workers > 0 and isinstance(dataset, EvalStream),
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_worker_init,
+        # A DataLoader draws a seed from its generator each time it is iterated; with the
+        # default (global) one, an evaluation would shift the training RNG and break
+        # exact resume. The streams seed themselves, so this seed is never used.
+        generator=torch.Generator().manual_seed(0),
     )
+
+
+def _worker_init(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: the training process handles it (checkpoint,
+    # clean exit), so its workers must not die of it first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -30,6 +30,8 @@ def _size_pair(value: int | tuple[int, int] | list[int] | None, name: str) -> tu
     if value is None:
         return None
     pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) == 1:
+        pair = pair * 2
     if len(pair) != 2 or min(pair) < 1:
         raise UnetsegError(f"{name} {value!r}: expected H,W (or one number) of positive sizes. Fix: use e.g. 256 or 360,480")
     return int(pair[0]), int(pair[1])

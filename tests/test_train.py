@@ -1,0 +1,180 @@
+"""Training end to end on tiny synthetic data: run dir, DDP, exact resume, schedule, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from multiproc import run_distributed
+from unetseg.checkpoint import latest_checkpoint, load_model, save_model
+from unetseg.optim import lr_at
+from unetseg.synth import synth
+
+TINY = ["--batch-size", "4", "--model-width", "8", "--model-depth", "2", "--num-workers", "0",
+        "--tracker", "none", "--lr", "0.005", "--crop-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data") / "syn"
+    synth(folder, train=24, val=7, size="32x32", shard_size=8, workers=1, progress=False)
+    return folder
+
+
+def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "unetseg.train", "--data", str(data), "--output-dir", str(out), *TINY, *extra]
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset it
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "loss" in r], [r for r in lines if "mIoU" in r]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_single_process_learns_and_writes_the_run_dir(tmp_path, data):
+    out = tmp_path / "run"
+    result = run(train_cmd(data, out, "--max-steps", "40", "--log-every", "5", "--eval-every", "20",
+                           "--keep-checkpoints", "1", "--warmup-steps", "3"))
+    assert "final val mIoU" in result.stdout and "parameters" in result.stdout
+    logs, evals = metrics(out)
+    assert [r["step"] for r in logs] == list(range(5, 41, 5))
+    assert all({"step", "epoch", "lr", "loss", "images_per_s"} <= set(r) for r in logs)
+    assert logs[-1]["loss"] < logs[0]["loss"] * 0.85, [r["loss"] for r in logs]
+    assert [r["step"] for r in evals] == [20, 40]
+    assert {"mIoU", "pixel_accuracy", "mean_accuracy", "fwIoU", "per_class", "num_samples"} <= set(evals[-1])
+    assert evals[-1]["num_samples"] == 7
+    # The lr each step used is the closed form of the schedule at that step.
+    for r in logs:
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, 0.005, "poly", total_steps=40, warmup_steps=3))
+    for name in ("config.yaml", "dataset.json", "metrics.jsonl"):
+        assert (out / name).is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000040"]  # keep 1
+    for folder in ("best", "final"):
+        assert sorted(p.name for p in (out / folder).iterdir()) == ["config.yaml", "dataset.json", "model.safetensors"]
+    model, config, info = load_model(out)
+    assert config["run"]["max_steps"] == 40 and info.num_classes == 10
+    assert model.config.width == 8
+
+
+@pytest.mark.multiprocess
+def test_two_processes_agree_and_eval_equals_one_process(tmp_path, data):
+    out = tmp_path / "ddp"
+    args = [str(REPO / "tests" / "scripts" / "train_worker.py"), str(tmp_path),
+            "--data", str(data), "--output-dir", str(out), *TINY, "--max-steps", "6", "--log-every", "1"]
+    run_distributed(args, nproc=2, launcher="accelerate", timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP kept the replicas identical
+    assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == 6
+    assert not {k for b in ranks[0]["keys"] for k in b} & {k for b in ranks[1]["keys"][:1] for k in b} or \
+        ranks[0]["keys"] != ranks[1]["keys"]  # the ranks drew different batches
+    assert ranks[0]["keys"] != ranks[1]["keys"]
+    logs, evals = metrics(out)
+    for r in logs:  # one schedule step per optimiser step, with two processes too
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, 0.005, "poly", total_steps=6))
+    # The distributed evaluation equals a one-process evaluation of the saved weights.
+    from unetseg.evaluate import confusion_matrix
+    from unetseg.stream import EvalStream, StreamStats, iterate, make_loader, open_source
+    from unetseg.transforms import EvalTransform, EvalTransformConfig
+
+    model, _, info = load_model(out / "final")
+    source = open_source(data, "val")
+    cm, _ = confusion_matrix(model, iterate(make_loader(EvalStream(source, EvalTransform(EvalTransformConfig()), 3)), StreamStats()),
+                             info.num_classes, info.classes.ignore_index, info.classes.names)
+    single = cm.compute().to_dict()
+    assert evals[-1]["confusion_matrix"] == single["confusion_matrix"]
+    assert evals[-1]["mIoU"] == single["mIoU"] and evals[-1]["num_samples"] == 7
+
+
+def test_sigterm_then_resume_auto_matches_a_straight_run(tmp_path, data):
+    common = ["--max-steps", "30", "--log-every", "1", "--save-every", "10", "--eval-every", "15", "--model-dropout", "0.1"]
+    straight = tmp_path / "straight"
+    run(train_cmd(data, straight, *common))
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(train_cmd(data, stopped, *common), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        path = stopped / "metrics.jsonl"
+        if path.is_file() and len(path.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    logs, _ = metrics(stopped)
+    k = logs[-1]["step"]
+    assert k < 30, "the run finished before the signal; the test needs a slower run"
+    assert latest_checkpoint(stopped).name == f"step-{k:08d}" and "stopped by SIGTERM" in output
+    run(train_cmd(data, stopped, *common, "--resume", "auto"))
+    a, b = weights(straight / "final"), weights(stopped / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    logs, evals = metrics(stopped)
+    assert [r["step"] for r in logs] == list(range(1, 31))  # no gap, no repeat
+    assert logs == metrics(straight)[0][: len(logs)] or [r["loss"] for r in logs] == [r["loss"] for r in metrics(straight)[0]]
+    assert [r["mIoU"] for r in evals] == [r["mIoU"] for r in metrics(straight)[1]]
+
+
+def test_an_interrupted_checkpoint_is_never_resumed_from(tmp_path, data):
+    out = tmp_path / "run"
+    run(train_cmd(data, out, "--max-steps", "4", "--save-every", "2", "--keep-checkpoints", "3"))
+    good = latest_checkpoint(out)
+    assert good.name == "step-00000004"
+    # A write cut short: the temporary folder, and a folder with the final name but no state file.
+    (out / "checkpoints" / "step-00000006.tmp").mkdir()
+    (out / "checkpoints" / "step-00000008").mkdir()
+    assert latest_checkpoint(out) == good
+    result = run(train_cmd(data, out, "--max-steps", "6", "--save-every", "2", "--resume", "auto"))
+    assert "resuming from" in result.stdout and "step-00000004" in result.stdout
+    assert not (out / "checkpoints" / "step-00000006.tmp").exists()  # swept by the next save
+
+
+def test_wandb_offline_without_credentials(tmp_path, data):
+    out = tmp_path / "run"
+    env = {"HOME": str(tmp_path), "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": None, "WANDB_MODE": None}
+    cmd = train_cmd(data, out, "--max-steps", "4", "--eval-every", "2", "--log-every", "1")
+    cmd[cmd.index("--tracker") + 1] = "wandb"
+    run(cmd, env=env)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    (record_file,) = runs[0].glob("run-*.wandb")
+    content = record_file.read_bytes()
+    for key in (b"loss", b"lr", b"images_per_s", b"val/mIoU", b"val/iou/background", b"val/predictions"):
+        assert key in content, key
+    log = (out / "wandb" / "debug-internal.log").read_text()
+    assert "127.0.0.1:9" not in log
+
+
+def test_save_model_replaces_whole(tmp_path, data):
+    from unetseg.dataset import DatasetInfo
+    from unetseg.model import UNet, UNetConfig
+
+    info = DatasetInfo.load(data)
+    net = UNet(UNetConfig(num_classes=10, width=4, depth=1))
+    config = {"unet": net.config.to_dict()}
+    save_model(tmp_path / "best", net, config, info)
+    torch.nn.init.zeros_(next(net.parameters()))
+    save_model(tmp_path / "best", net, config, info)
+    model, _, _ = load_model(tmp_path / "best")
+    assert torch.equal(next(model.parameters()), next(net.parameters()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]

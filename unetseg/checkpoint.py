@@ -1,0 +1,166 @@
+"""Checkpoints (full training state, for resume) and saved models (weights for evaluate/predict).
+
+A checkpoint is ``RUN/checkpoints/step-00001234/``: Accelerate's ``save_state`` files
+(model, optimiser, scheduler, AMP scaler, every rank's RNG states) plus
+``trainer_state.json`` (step, epoch, data position, best mIoU, tracker run id). It is
+written under ``step-...tmp`` and renamed when complete, so a folder with the final name
+is always whole; an interrupted write is never loaded and is swept away by the next save.
+Only the newest ``keep`` checkpoints stay, older ones are deleted after a newer one is
+complete. Checkpoints assume a file system shared by all ranks.
+
+A saved model (``best/``, ``final/``) holds ``model.safetensors``, ``config.yaml`` (the
+training config plus the exact architecture under ``unet``) and ``dataset.json``:
+everything evaluate and predict need, no training state, nothing unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from unetseg.dataset import DATASET_JSON, DatasetInfo
+from unetseg.errors import UnetsegError
+from unetseg.model import UNet, UNetConfig
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (a ``.tmp`` folder is never one)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = _NAME.match(path.name)
+            if match and (path / STATE_FILE).is_file():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(run_dir: str | os.PathLike, resume: str | None) -> Path | None:
+    """``None``: start fresh; ``"auto"``: the latest complete checkpoint (or fresh when none);
+    a path: that checkpoint, which must be complete."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not _NAME.match(path.name) or not (path / STATE_FILE).is_file():
+        raise UnetsegError(
+            f"--resume {resume}: not a complete checkpoint (expected a checkpoints/step-NNNNNNNN folder with "
+            f"{STATE_FILE}). Fix: pass --resume auto, or one of the folders under {Path(run_dir) / CHECKPOINTS}"
+        )
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Save the full training state at ``step`` (a collective: every rank calls it)."""
+    final = checkpoint_path(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_text(tmp / STATE_FILE, json.dumps(state, indent=2))
+        if final.exists():  # the same step saved again (a stop right after a periodic save)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        prune_checkpoints(run_dir, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints, and leftovers of interrupted writes."""
+    complete = list_checkpoints(run_dir)
+    for _, path in complete[: max(0, len(complete) - keep)]:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in (Path(run_dir) / CHECKPOINTS).glob("step-*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike) -> dict[str, Any]:
+    """Restore the training state saved at ``path``; returns its ``trainer_state.json``."""
+    path = Path(path)
+    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    accelerator.load_state(str(path))  # Accelerate loads with torch.load(weights_only=True)
+    return state
+
+
+# --- saved models ---------------------------------------------------------------------
+
+
+def save_model(folder: str | os.PathLike, model: torch.nn.Module, config: dict[str, Any], dataset: DatasetInfo) -> Path:
+    """Write ``model.safetensors``, ``config.yaml`` and ``dataset.json`` to ``folder``,
+    replacing it whole (written aside, then renamed)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, tmp / WEIGHTS_FILE)
+    (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    (tmp / DATASET_JSON).write_text(dataset.to_json(), encoding="utf-8")
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(folder)
+    return folder
+
+
+def model_folder(path: str | os.PathLike) -> Path:
+    """A saved-model folder: ``path`` itself, or ``path/best`` (then ``path/final``) for a run dir."""
+    path = Path(path)
+    for candidate in (path, path / "best", path / "final"):
+        if (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    raise UnetsegError(
+        f"{path}: no {WEIGHTS_FILE} here or in best/ or final/. Fix: pass a run dir written by "
+        "`unetseg train`, or its best/ or final/ folder"
+    )
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any], DatasetInfo]:
+    """The model saved at ``path`` (see :func:`model_folder`), its config and dataset description."""
+    from safetensors.torch import load_file
+
+    folder = model_folder(path)
+    config = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    model = UNet(UNetConfig.from_dict(config["unet"]))
+    model.load_state_dict(load_file(folder / WEIGHTS_FILE, device=str(map_location)))
+    return model, config, DatasetInfo.load(folder)
