@@ -1,0 +1,219 @@
+"""A plain U-Net (``torch.nn.Module``): no distributed code, paste it into a notebook.
+
+>>> model = UNet(UNetConfig(num_classes=10))
+>>> model.describe()
+'UNet depth=4 width=32 norm=batch upsample=transpose num_classes=10: 7.76M parameters'
+>>> model(torch.zeros(2, 3, 100, 75)).shape   # any size: padded inside, cropped back
+torch.Size([2, 10, 100, 75])
+
+``UNetConfig.to_dict()`` gives plain JSON/YAML types; ``UNet.from_config_dict(d)``
+rebuilds the same architecture (load the weights with ``load_state_dict``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unetseg.errors import UnetsegError
+
+NORMS = ("batch", "group", "none")
+UPSAMPLES = ("transpose", "bilinear")
+
+
+class ModelConfigError(UnetsegError, ValueError):
+    """An invalid model configuration; the message names the value and the fix."""
+
+
+@dataclass(kw_only=True)
+class UNetConfig:
+    """The architecture of a :class:`UNet`; every field is a plain int/float/str."""
+
+    num_classes: int
+    """Output channels (logits per pixel); 1 or more."""
+    in_channels: int = 3
+    """Input image channels (3 for RGB)."""
+    depth: int = 4
+    """Number of 2x downsamplings (and upsamplings); the bottleneck runs at 1/2**depth."""
+    width: int = 32
+    """Channels of the first level; level i has ``width * 2**i`` (the bottleneck is level ``depth``)."""
+    max_width: int | None = None
+    """Optional cap on the channels of any level (None: no cap)."""
+    norm: Literal["batch", "group", "none"] = "batch"
+    """Normalisation after each 3x3 conv: BatchNorm2d, GroupNorm (gcd(32, C) groups) or none."""
+    dropout: float = 0.0
+    """Dropout2d probability in [0, 1), applied at the end of the bottleneck and of every decoder block."""
+    upsample: Literal["transpose", "bilinear"] = "transpose"
+    """"transpose": ConvTranspose2d(k=2, s=2); "bilinear": bilinear x2 then a 1x1 conv halving channels."""
+
+    def __post_init__(self) -> None:
+        def check_int(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ModelConfigError(f"model {name}={value!r} is invalid: use an integer >= {low}")
+
+        for name in ("num_classes", "in_channels", "depth", "width"):
+            check_int(name, 1)
+        if self.depth > 8:
+            raise ModelConfigError(f"model depth={self.depth} is invalid: use 1..8 (the input is padded to a multiple of 2**depth)")
+        if self.max_width is not None:
+            check_int("max_width", self.width)
+        if self.norm not in NORMS:
+            raise ModelConfigError(f"model norm={self.norm!r} is invalid: use one of {', '.join(NORMS)}")
+        if self.upsample not in UPSAMPLES:
+            raise ModelConfigError(f"model upsample={self.upsample!r} is invalid: use one of {', '.join(UPSAMPLES)}")
+        d = self.dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise ModelConfigError(f"model dropout={d!r} is invalid: use a probability in [0, 1), e.g. 0.0 or 0.1")
+        self.dropout = float(d)
+
+    def channels(self, level: int) -> int:
+        """Channels at ``level`` (0 = full resolution, ``depth`` = bottleneck)."""
+        c = self.width * 2**level
+        return c if self.max_width is None else min(c, self.max_width)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ModelConfigError(f"unknown model config keys {unknown}: use only {sorted(known)}")
+        if "num_classes" not in d:
+            raise ModelConfigError("model config has no num_classes: add the number of classes")
+        return cls(**d)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    return nn.Identity()
+
+
+class ConvBlock(nn.Sequential):
+    """(3x3 conv, norm, ReLU) twice, then Dropout2d when ``dropout > 0``."""
+
+    def __init__(self, cin: int, cout: int, norm: str, dropout: float = 0.0):
+        bias = norm == "none"
+        layers: list[nn.Module] = []
+        for c in (cin, cout):
+            layers += [nn.Conv2d(c, cout, 3, padding=1, bias=bias), _norm(norm, cout), nn.ReLU(inplace=True)]
+        if dropout > 0:
+            layers.append(nn.Dropout2d(dropout))
+        super().__init__(*layers)
+
+
+def _upsampler(kind: str, cin: int, cout: int) -> nn.Module:
+    if kind == "transpose":
+        return nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2)
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(cin, cout, 1)
+    )
+
+
+class UNet(nn.Module):
+    """U-Net for semantic segmentation: (N, in_channels, H, W) -> logits (N, num_classes, H, W).
+
+    **Any input size.** The input is zero-padded on the bottom and right to the next
+    multiple of ``2**depth`` (``self.pad_multiple``), and the logits are cropped back to
+    the top-left H x W, so pixel (y, x) of the output belongs to pixel (y, x) of the
+    input. Zero padding works for every size (reflect padding fails when the pad is
+    larger than the image). Inputs whose H and W already are multiples of ``2**depth``
+    get no padding: train on such crops so padded zeros never enter BatchNorm or
+    GroupNorm statistics.
+
+    Encoder level i (i < depth): ConvBlock, then 2x2 max-pool. Bottleneck (level depth):
+    ConvBlock + Dropout2d. Decoder level i: upsample, concatenate the skip, ConvBlock +
+    Dropout2d. Head: 1x1 conv to ``num_classes``. Dropout is active in ``train()`` only.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.pad_multiple = 2**cfg.depth
+        ch = [cfg.channels(i) for i in range(cfg.depth + 1)]
+        self.encoder = nn.ModuleList(
+            [ConvBlock(cfg.in_channels if i == 0 else ch[i - 1], ch[i], cfg.norm) for i in range(cfg.depth)]
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = ConvBlock(ch[-2], ch[-1], cfg.norm, cfg.dropout)
+        # Decoder, deepest first: ups[j] and decoder[j] bring level depth-j back to depth-j-1.
+        levels = range(cfg.depth - 1, -1, -1)
+        self.ups = nn.ModuleList([_upsampler(cfg.upsample, ch[i + 1], ch[i]) for i in levels])
+        self.decoder = nn.ModuleList([ConvBlock(2 * ch[i], ch[i], cfg.norm, cfg.dropout) for i in levels])
+        self.head = nn.Conv2d(ch[0], cfg.num_classes, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Kaiming normal (fan_out, relu) for every conv, zero biases; norms weight 1, bias 0."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_config_dict(cls, d: dict[str, Any]) -> UNet:
+        return cls(UNetConfig.from_dict(d))
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on an input whose H and W are multiples of ``pad_multiple``."""
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for up, block, skip in zip(self.ups, self.decoder, reversed(skips)):
+            x = block(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"UNet expected input (N, {self.config.in_channels}, H, W), got shape {tuple(x.shape)}: "
+                f"pass images with {self.config.in_channels} channels or set in_channels in the model config"
+            )
+        h, w = x.shape[-2:]
+        m = self.pad_multiple  # ceil division, not -h % m: inductor fails on a symbolic Python mod
+        pad_h, pad_w = (h + m - 1) // m * m - h, (w + m - 1) // m * m - w
+        # Unconditional pad and crop (a zero pad copies only the input): no branch on the
+        # size, so torch.compile with dynamic shapes keeps one graph for every size.
+        logits = self.forward_padded(F.pad(x, (0, pad_w, 0, pad_h)))
+        return logits[:, :, :h, :w]
+
+    def describe(self) -> str:
+        """One line for the start of a run, e.g. 'UNet depth=4 width=32 ...: 7.76M parameters'."""
+        c = self.config
+        extra = (f" max_width={c.max_width}" if c.max_width else "") + (f" dropout={c.dropout}" if c.dropout else "")
+        return (
+            f"UNet depth={c.depth} width={c.width} norm={c.norm} upsample={c.upsample}{extra} "
+            f"num_classes={c.num_classes}: {format_count(num_parameters(self))} parameters"
+        )
+
+    summary = describe
+
+
+def num_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (each shared tensor counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def format_count(n: int) -> str:
+    """7763338 -> '7.76M', 12345 -> '12.3K', 999 -> '999'."""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
