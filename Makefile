@@ -15,17 +15,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The main job on the embedded default: the synthetic 10-class dataset, generated as
-# folders, packed into shards, verified and summarised.
+# The main job on the embedded default: train a U-Net on the synthetic 10-class dataset
+# (generated under shards/synthetic on first use) and print the final val mIoU.
 demo: $(STAMP)
-	$(BIN)/unetseg synth --format folders --out shards/synthetic-folders --overwrite
-	$(BIN)/unetseg pack --images shards/synthetic-folders/images --masks shards/synthetic-folders/masks \
-		--classes shards/synthetic-folders/classes.json --out shards/synthetic --overwrite
-	$(BIN)/unetseg shards verify shards/synthetic
-	$(BIN)/unetseg shards info shards/synthetic
+	$(BIN)/python -m unetseg.train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) shards/synthetic shards/synthetic-folders .pytest_cache
+	rm -rf $(VENV) shards/synthetic .pytest_cache

@@ -231,7 +231,7 @@ def test_step_scheduler_refuses_a_prepared_scheduler():
     optimizer = build_optimizer(tiny_model())
     wrapped = AcceleratedScheduler.__new__(AcceleratedScheduler)  # no __init__: no Accelerate singletons here
     wrapped.scheduler = build_scheduler(optimizer, total_steps=TOTAL)
-    with pytest.raises(TypeError, match="register_for_checkpointing"):
+    with pytest.raises(TypeError, match="keep it out of prepare"):
         step_scheduler(wrapped, fake_accelerator())
 
 

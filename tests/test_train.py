@@ -75,6 +75,9 @@ def test_single_process_learns_and_writes_the_run_dir(tmp_path, data):
     model, config, info = load_model(out)
     assert config["run"]["max_steps"] == 40 and info.num_classes == 10
     assert model.config.width == 8
+    # Starting again in the same run dir without --resume would mix two runs.
+    again = subprocess.run(train_cmd(data, out, "--max-steps", "2"), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "--resume auto" in again.stderr and "Traceback" not in again.stderr
 
 
 @pytest.mark.multiprocess
@@ -84,11 +87,10 @@ def test_two_processes_agree_and_eval_equals_one_process(tmp_path, data):
             "--data", str(data), "--output-dir", str(out), *TINY, "--max-steps", "6", "--log-every", "1"]
     run_distributed(args, nproc=2, launcher="accelerate", timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP kept the replicas identical
+    assert ranks[0]["params"] == ranks[1]["params"]  # DDP kept the replicas identical
+    assert ranks[0]["buffers"] == ranks[1]["buffers"]  # averaged before the final evaluation
     assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == 6
-    assert not {k for b in ranks[0]["keys"] for k in b} & {k for b in ranks[1]["keys"][:1] for k in b} or \
-        ranks[0]["keys"] != ranks[1]["keys"]  # the ranks drew different batches
-    assert ranks[0]["keys"] != ranks[1]["keys"]
+    assert ranks[0]["keys"] != ranks[1]["keys"]  # the ranks drew different batches
     logs, evals = metrics(out)
     for r in logs:  # one schedule step per optimiser step, with two processes too
         assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, 0.005, "poly", total_steps=6))
@@ -133,6 +135,45 @@ def test_sigterm_then_resume_auto_matches_a_straight_run(tmp_path, data):
     assert [r["step"] for r in logs] == list(range(1, 31))  # no gap, no repeat
     assert logs == metrics(straight)[0][: len(logs)] or [r["loss"] for r in logs] == [r["loss"] for r in metrics(straight)[0]]
     assert [r["mIoU"] for r in evals] == [r["mIoU"] for r in metrics(straight)[1]]
+
+
+@pytest.mark.multiprocess
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, data):
+    from multiproc import launch_command
+
+    out = tmp_path / "ddp"
+    args = [str(REPO / "tests" / "scripts" / "train_worker.py"), str(tmp_path), "--data", str(data),
+            "--output-dir", str(out), *TINY, "--max-steps", "40", "--log-every", "1", "--save-every", "100"]
+    proc = subprocess.Popen(launch_command(args, nproc=2, launcher="accelerate"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "metrics.jsonl").is_file()
+                                              and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+            time.sleep(0.05)
+        os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)  # rank 1 only
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    k = metrics(out)[0][-1]["step"]
+    assert k < 40 and len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == k  # both stopped after step k
+    assert ranks[0]["params"] == ranks[1]["params"]
+    assert latest_checkpoint(out).name == f"step-{k:08d}"
+    assert "stopped by a signal on another rank" in output or "stopped by SIGTERM" in output
+
+
+def test_nonfinite_losses_stop_the_run_with_a_clear_message(tmp_path, data):
+    cmd = train_cmd(data, tmp_path / "run", "--max-steps", "30", "--optimizer", "sgd", "--max-nonfinite", "3")
+    cmd[cmd.index("--lr") + 1] = "1e30"
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1
+    assert "non-finite loss at step" in result.stdout
+    assert "3 non-finite losses in a row" in result.stderr and "Fix: lower --lr" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_an_interrupted_checkpoint_is_never_resumed_from(tmp_path, data):

@@ -56,9 +56,9 @@ def _print_written(info, folder: Path, seconds: float) -> None:
 @app.command()
 def synth(
     out_dir: Path = typer.Option(Path("shards/synthetic"), "--out", help="Folder to write."),
-    train: int = typer.Option(512, help="Training samples."),
-    val: int = typer.Option(128, help="Validation samples."),
-    size: str = typer.Option("128x128", help="Image size, HxW."),
+    train: int = typer.Option(2048, help="Training samples."),
+    val: int = typer.Option(256, help="Validation samples."),
+    size: str = typer.Option("64x64", help="Image size, HxW."),
     seed: int = typer.Option(0, help="Same seed, same bytes."),
     format: SynthFormat = typer.Option(SynthFormat.shards, help="shards: ready to train; folders: images/, masks/ and classes.json for `unetseg pack`."),
     shard_size: int = typer.Option(64, help="Samples per shard."),
@@ -115,6 +115,17 @@ def pack(
         for p in info.skipped:
             err.print(f"  - {p['path']}: {p['what']}. Fix: {p['fix']}", markup=False)
     _print_written(info, out_dir, time.perf_counter() - start)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def train(ctx: typer.Context) -> None:
+    """Train a U-Net (the same options as `python -m unetseg.train`; see `unetseg train --help`)."""
+    from unetseg.train import main as train_main
+
+    train_main(ctx.args)
 
 
 @shards_app.command("info")

@@ -50,7 +50,7 @@ class DataConfig:
     """Split to train on."""
     val_split: str = "val"
     """Split to evaluate on."""
-    batch_size: int = 8
+    batch_size: int = 16
     """Training batch size per process."""
     eval_batch_size: int | None = None
     """Evaluation batch size per process (default: batch size)."""
@@ -88,7 +88,7 @@ class DataConfig:
 
 @dataclass
 class ModelSection:
-    width: int = 32
+    width: int = 16
     """Channels of the first U-Net level (doubling at each level)."""
     depth: int = 4
     """Number of down/up levels."""
@@ -104,7 +104,7 @@ class ModelSection:
 class OptimConfig:
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     """Optimiser."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate (reached after warmup)."""
     weight_decay: float = 1e-4
     """Weight decay (not applied to biases and norm weights)."""
@@ -158,7 +158,7 @@ class LossConfig:
 class RunConfig:
     output_dir: str | None = None
     """Run directory. Default: runs/<timestamp>."""
-    epochs: int = 20
+    epochs: int = 15
     """Epochs: passes over the training split, counted in samples over all processes."""
     max_steps: int | None = None
     """Optimiser steps to train; wins over epochs."""

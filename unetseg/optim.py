@@ -19,27 +19,24 @@ step it when the optimiser step was skipped (fp16 overflow); so with accumulatio
 it still makes ``num_processes`` schedule steps per optimiser step.
 ``tests/test_optim.py`` runs this on 1 and 2 processes and checks it.
 
-Instead the training loop keeps the scheduler out of ``prepare``, registers it for
-checkpointing, and steps it itself with :func:`step_scheduler`::
+So keep the scheduler out of ``prepare`` and step it yourself, once per optimiser
+step. ``unetseg.train`` steps it after every optimiser step it counts, including one
+skipped for a non-finite loss, so the lr is a pure function of the step number
+(``lr_at``) and resume needs nothing but that number; it saves
+``scheduler.state_dict()`` (plain numbers) in the checkpoint's ``trainer_state.json``
+rather than through ``accelerator.register_for_checkpointing``, whose loader unpickles
+with ``weights_only=False``. A loop written around ``accelerator.accumulate`` can use
+:func:`step_scheduler`, which steps only after a real optimiser step::
 
-    accelerator = Accelerator(gradient_accumulation_steps=k, ...)
-    optimizer = build_optimizer(model, "adamw", lr=..., weight_decay=...)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    total = count_optimizer_steps(len(train_loader), k, epochs)  # len() of the *prepared* loader: batches per rank
+    model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, "poly", total_steps=total, warmup_steps=...)
-    accelerator.register_for_checkpointing(scheduler)  # save_state / load_state include it
-    for epoch in ...:
-        for batch in train_loader:
-            with accelerator.accumulate(model):
-                loss = loss_fn(model(batch["image"]), batch["mask"])
-                accelerator.backward(loss)
-                optimizer.step()
-                step_scheduler(scheduler, accelerator)  # steps only after a real optimiser step
-                optimizer.zero_grad()
-
-(Building the scheduler before ``prepare`` on the raw optimiser works as well: the
-prepared optimiser wraps the same object. ``accelerator.register_for_checkpointing``
-must then still be called, and ``load_state`` must come after it.)
+    for batch in batches:
+        with accelerator.accumulate(model):
+            loss = loss_fn(model(batch["image"]), batch["mask"])
+            accelerator.backward(loss)
+            optimizer.step()
+            step_scheduler(scheduler, accelerator)  # steps only after a real optimiser step
+            optimizer.zero_grad()
 
 Schedules
 ---------
@@ -304,8 +301,8 @@ def build_scheduler(
     """A ``LambdaLR`` over ``optimizer`` following :class:`LRSchedule` (see the module doc).
 
     ``total_steps`` counts optimiser steps (use :func:`count_optimizer_steps`). Step
-    the result with :func:`step_scheduler`, and do not pass it to
-    ``accelerator.prepare``; register it with ``accelerator.register_for_checkpointing``.
+    it once per optimiser step yourself (see the module doc), and do not pass it to
+    ``accelerator.prepare``.
     Each param group's lr at construction is its base lr.
     """
     schedule = LRSchedule(
@@ -349,8 +346,7 @@ def step_scheduler(scheduler: Any, accelerator: Any) -> bool:
     if isinstance(scheduler, AcceleratedScheduler):
         raise TypeError(
             "step_scheduler: the scheduler was passed to accelerator.prepare, whose AcceleratedScheduler steps it "
-            "once per process per optimiser step; build it with build_scheduler, keep it out of prepare and "
-            "register it with accelerator.register_for_checkpointing instead"
+            "once per process per optimiser step; build it with build_scheduler and keep it out of prepare"
         )
     if not accelerator.sync_gradients or accelerator.optimizer_step_was_skipped:
         return False

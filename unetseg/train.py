@@ -159,7 +159,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    from unetseg.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_model
+    from unetseg.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint, save_model
     from unetseg.distributed import all_reduce_sum
     from unetseg.evaluate import confusion_matrix
     from unetseg.losses import SegmentationLoss, class_weights
@@ -176,6 +176,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     state = PartialState(cpu=not has_accelerator())
     run_dir = resolve_run_dir(config)
     resume_from = resolve_resume(run_dir, rc.resume)
+    if rc.resume is None and latest_checkpoint(run_dir) is not None:
+        raise UnetsegError(
+            f"{run_dir} already holds checkpoints of a run. Fix: pass --resume auto to continue it, "
+            "or choose another --output-dir"
+        )
     resumed = TrainerState(**json.loads((resume_from / "trainer_state.json").read_text())) if resume_from else None
     log_with, init_kwargs = tracker_setup(rc.tracker, run_dir, rc.run_name or run_dir.name,
                                           resumed.tracker_run_id if resumed else None)
