@@ -257,3 +257,12 @@ def test_shards_stream_over_http(tmp_path, http_server):
     local = [next(it)["keys"] for it in [train_stream(open_source(folder, "train"))] for _ in range(4)]
     remote = [next(it)["keys"] for it in [train_stream(open_source(f"{http_server}/s", "train"))] for _ in range(4)]
     assert local == remote
+
+
+def test_shards_stream_through_a_pipe_command(tmp_path):
+    folder = make(tmp_path, "s", train=2, val=5, shard_size=2)
+    source = open_source(f"pipe:cat {folder}/val-{{000000..000002}}.tar", "val", dataset_json=folder / "dataset.json")
+    assert source.counts == [2, 2, 1]
+    assert sorted(eval_keys(source, workers=2)) == sorted(all_keys(folder, "val"))
+    with pytest.raises(UnetsegError, match="--dataset-json"):
+        open_source(f"pipe:cat {folder}/val-000000.tar", "val")
