@@ -84,12 +84,13 @@ def test_single_process_learns_and_writes_the_run_dir(tmp_path, data):
 def test_two_processes_agree_and_eval_equals_one_process(tmp_path, data):
     out = tmp_path / "ddp"
     args = [str(REPO / "tests" / "scripts" / "train_worker.py"), str(tmp_path),
-            "--data", str(data), "--output-dir", str(out), *TINY, "--max-steps", "6", "--log-every", "1"]
+            "--data", str(data), "--output-dir", str(out), *TINY, "--max-steps", "6", "--log-every", "1",
+            "--grad-accum", "2"]
     run_distributed(args, nproc=2, launcher="accelerate", timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["params"] == ranks[1]["params"]  # DDP kept the replicas identical
+    assert ranks[0]["params"] == ranks[1]["params"]  # DDP kept the replicas identical (no_sync included)
     assert ranks[0]["buffers"] == ranks[1]["buffers"]  # averaged before the final evaluation
-    assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == 6
+    assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == 12  # 6 steps x 2 accumulated micro-batches
     assert ranks[0]["keys"] != ranks[1]["keys"]  # the ranks drew different batches
     logs, evals = metrics(out)
     for r in logs:  # one schedule step per optimiser step, with two processes too

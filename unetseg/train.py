@@ -262,7 +262,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     eval_loader = make_loader(EvalStream(val_source, eval_tf, dc.eval_batch_size or dc.batch_size, rank=accelerator.process_index,
                                          world_size=world, max_bad_samples=dc.max_bad_samples), dc.num_workers)
 
-    def evaluate() -> dict[str, Any]:
+    def evaluate():
         sync_buffers(net, world)
         cm, examples = confusion_matrix(net, iterate(eval_loader, eval_stats), classes.num_classes, ignore, classes.names,
                                         device, accelerator.autocast, keep=rc.log_images if main else 0)
@@ -272,7 +272,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             print(f"warning: evaluated {result.num_samples} samples, the split has {val_source.num_samples}", flush=True)
         if main:
             log_predictions(accelerator, examples, classes, train_tf.config.mean, train_tf.config.std, ts.step)
-        return result.to_dict() | {"_table": result}
+        return result
 
     def save() -> None:
         ts.scheduler = scheduler.state_dict()
@@ -284,8 +284,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     window_losses: list[torch.Tensor] = []
     window_start, window_steps = time.perf_counter(), 0
     last_eval: dict[str, Any] | None = None
+    train_bad = 0
     stopped = False
-    progress = _progress(main, total_steps, ts.step)
+    progress = _Progress(main, total_steps, ts.step)
     try:
         while ts.step < total_steps:
             skip = False
@@ -345,11 +346,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=ts.step)
                     progress.update(ts.step, record)
                 window_losses, window_start, window_steps = [], time.perf_counter(), 0
-            if ts.step % eval_every == 0 or ts.step == total_steps:
-                metrics = evaluate()
-                table = metrics.pop("_table")
+            if ts.step % steps_per_epoch == 0 or ts.step == total_steps:
+                # Skipped samples, summed over ranks once per epoch (a collective).
                 train_bad = train_stats.reduce()
-                last_eval = metrics
+                if main and train_bad:
+                    progress.print(f"epoch {epoch}: {train_bad} bad training samples skipped so far")
+            if ts.step % eval_every == 0 or ts.step == total_steps:
+                table = evaluate()
+                metrics = last_eval = table.to_dict()
                 improved = ts.best_miou is None or (metrics["mIoU"] is not None and metrics["mIoU"] > ts.best_miou)
                 if improved and metrics["mIoU"] is not None:
                     ts.best_miou, ts.best_step = metrics["mIoU"], ts.step
@@ -395,7 +399,7 @@ def _tracker_metrics(metrics: dict[str, Any], bad: int) -> dict[str, Any]:
     return out
 
 
-class _progress:
+class _Progress:
     """A progress bar with loss, images/s and ETA on the main process; silent elsewhere."""
 
     def __init__(self, enabled: bool, total: int, start: int):
