@@ -5,8 +5,9 @@
 and turns a non-zero exit or a timeout into an ``AssertionError`` that carries
 the command and both output streams, so a failing worker's traceback shows up
 in the pytest report. On a CPU-only machine the workers should use the gloo
-backend (``dist.init_process_group("gloo")``, or Accelerate, which picks it)
-and must call ``dist.destroy_process_group()`` before exiting: without it gloo
+backend (``dist.init_process_group("gloo")``, or Accelerate, which forms a gloo
+group on a machine without GPUs only when told ``cpu=True`` or
+``ACCELERATE_USE_CPU=1``; otherwise every rank runs alone) and must call ``dist.destroy_process_group()`` before exiting: without it gloo
 aborts at exit in a good share of runs and the test turns flaky.
 
 ``launch_command`` gives just the command line, for tests that need to talk

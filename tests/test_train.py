@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -145,19 +146,25 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, data):
     out = tmp_path / "ddp"
     args = [str(REPO / "tests" / "scripts" / "train_worker.py"), str(tmp_path), "--data", str(data),
             "--output-dir", str(out), *TINY, "--max-steps", "40", "--log-every", "1", "--save-every", "100"]
-    proc = subprocess.Popen(launch_command(args, nproc=2, launcher="accelerate"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            start_new_session=True)
+    log = tmp_path / "log.txt"
+    # Output to a file, not a pipe: a worker left behind by a failure must not hold the test.
+    with log.open("w") as sink:
+        proc = subprocess.Popen(launch_command(args, nproc=2, launcher="accelerate"), stdout=sink,
+                                stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not ((out / "metrics.jsonl").is_file()
                                               and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
             time.sleep(0.05)
         os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)  # rank 1 only
-        output, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
+            for rank in (0, 1):
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int((tmp_path / f"pid{rank}").read_text()), signal.SIGKILL)
+    output = log.read_text()
     assert proc.returncode == 0, output[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     k = metrics(out)[0][-1]["step"]
