@@ -128,6 +128,17 @@ def train(ctx: typer.Context) -> None:
     train_main(ctx.args)
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def evaluate(ctx: typer.Context) -> None:
+    """Evaluate a trained model on a split (the same options as `python -m unetseg.evaluate`)."""
+    from unetseg.evaluate import main as evaluate_main
+
+    evaluate_main(ctx.args)
+
+
 @shards_app.command("info")
 def shards_info(folder: Path = typer.Argument(..., help="A shard folder with dataset.json.")) -> None:
     """Samples per split and the class-frequency table."""

@@ -1,0 +1,127 @@
+"""unetseg evaluate: exact metrics at full resolution, 1 = N processes, class checks, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, make_folders, write_classes
+from multiproc import run_distributed
+from unetseg.checkpoint import load_model
+from unetseg.dataset import DatasetInfo
+from unetseg.evaluate import TTA
+from unetseg.imageio import decode_image, decode_mask
+from unetseg.pack import pack
+from unetseg.shards import iter_shard
+from unetseg.synth import synth
+from unetseg.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny model trained for a few steps, and the shards it was trained on."""
+    root = tmp_path_factory.mktemp("eval")
+    synth(root / "syn", train=16, val=9, size="40x48", shard_size=4, workers=1, progress=False)
+    cmd = [sys.executable, "-m", "unetseg.train", "--data", str(root / "syn"), "--output-dir", str(root / "run"),
+           "--max-steps", "8", "--batch-size", "4", "--model-width", "4", "--model-depth", "2",
+           "--num-workers", "0", "--tracker", "none", "--crop-size", "32"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run", root / "syn"
+
+
+def evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "unetseg", "evaluate", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+
+
+def direct_matrix(model_dir: Path, data: Path, split: str = "val") -> np.ndarray:
+    """The confusion matrix computed here, image by image, without the stream or the reducer."""
+    model, _, info = load_model(model_dir)
+    model.eval()
+    n, ignore = info.num_classes, info.classes.ignore_index
+    matrix = np.zeros((n, n), dtype=np.int64)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    for shard in DatasetInfo.load(data).splits[split].shards:
+        for s in iter_shard(data / shard):
+            image = torch.from_numpy(decode_image(s["jpg"]).copy()).permute(2, 0, 1).float() / 255
+            target = decode_mask(s["mask.png"]).astype(np.int64)
+            with torch.no_grad():
+                pred = model(((image - mean) / std)[None]).argmax(1)[0].numpy()
+            keep = (target != ignore) & (target < n)
+            np.add.at(matrix, (target[keep], pred[keep]), 1)
+    return matrix
+
+
+def test_report_agrees_with_a_direct_computation(tmp_path, trained):
+    run_dir, data = trained
+    out = tmp_path / "reports" / "report.json"
+    result = evaluate(run_dir, "--data", data, "--split", "val", "--out", out, "--batch-size", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["num_samples"] == 9 == report["split_samples"]
+    assert np.array_equal(np.array(report["confusion_matrix"]), direct_matrix(run_dir / "best", data))
+    for key in ("mIoU", "pixel_accuracy", "mean_accuracy", "fwIoU", "per_class"):
+        assert key in report
+    assert "mIoU" in result.stdout and "background" in result.stdout
+    for name in ("report_confusion.png", "report_iou.png"):
+        png = out.parent / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_other_shard_sizes_give_the_same_matrix(tmp_path, trained):
+    run_dir, data = trained
+    synth(tmp_path / "resharded", train=16, val=9, size="40x48", shard_size=2, workers=1, progress=False)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert evaluate(run_dir, "--data", data, "--out", a).returncode == 0
+    assert evaluate(run_dir, "--data", tmp_path / "resharded", "--out", b, "--batch-size", "3").returncode == 0
+    assert json.loads(a.read_text())["confusion_matrix"] == json.loads(b.read_text())["confusion_matrix"]
+
+
+@pytest.mark.multiprocess
+def test_one_and_two_processes_give_identical_matrices(tmp_path, trained):
+    run_dir, data = trained
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert evaluate(run_dir, "--data", data, "--out", one, "--num-workers", "0").returncode == 0
+    run_distributed(["-m", "unetseg.evaluate", str(run_dir), "--data", str(data), "--out", str(two),
+                     "--num-workers", "2", "--batch-size", "2"], nproc=2, launcher="accelerate", timeout=300)
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["num_processes"] == 2 and a["num_processes"] == 1
+    assert a["confusion_matrix"] == b["confusion_matrix"] and a["num_samples"] == b["num_samples"] == 9
+
+
+def test_class_mismatch_stops_with_the_names(tmp_path, trained):
+    run_dir, _ = trained
+    make_folders(tmp_path, {"val": 2})
+    pack(tmp_path / "images", tmp_path / "masks", write_classes(tmp_path / "classes.json"), tmp_path / "other",
+         workers=1, progress=False)
+    result = evaluate(run_dir, "--data", tmp_path / "other", "--out", tmp_path / "r.json")
+    assert result.returncode == 1
+    assert "differ from the 10 classes" in result.stderr and "'red'" in result.stderr and "Fix:" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "r.json").exists()
+
+
+def test_tta_modes(tmp_path, trained):
+    run_dir, data = trained
+    model, _, _ = load_model(run_dir)
+    model.eval()
+    x = torch.randn(2, 3, 40, 48)
+    with torch.no_grad():
+        flip = TTA(model, "flip")(x)
+        expected = (model(x).softmax(1) + model(x.flip(-1)).flip(-1).softmax(1)) / 2
+        assert torch.allclose(flip, expected, atol=1e-6)
+        multi = TTA(model, "multiscale")(x)
+    assert multi.shape == (2, 10, 40, 48) and torch.allclose(multi.sum(1), torch.ones(2, 40, 48), atol=1e-5)
+    out = tmp_path / "r.json"
+    result = evaluate(run_dir, "--data", data, "--out", out, "--tta", "multiscale")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(out.read_text())["tta"] == "multiscale"
