@@ -139,6 +139,39 @@ def evaluate(ctx: typer.Context) -> None:
     evaluate_main(ctx.args)
 
 
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="A run dir (uses best/, then final/) or a best/ or final/ folder."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders (their images, not recursive) or globs."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for <name>.png (class ids), <name>_color.png and overlays."),
+    overlay: bool = typer.Option(False, help="Also write <name>_overlay.png: the image blended with its colour mask."),
+    alpha: float = typer.Option(0.5, help="Weight of the colour mask in the overlay (0..1)."),
+    batch_size: int = typer.Option(4, help="Images per forward pass (images of one size are batched together)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
+) -> None:
+    """Segment images: a class-index PNG and a colour PNG per input, at the input's size."""
+    from unetseg.predict import main_predict
+
+    raise typer.Exit(main_predict(model, inputs, out_dir, overlay=overlay, alpha=alpha, batch_size=batch_size, device=device))
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="A run dir (uses best/, then final/) or a best/ or final/ folder."),
+    format: ExportFormat = typer.Option(..., help="onnx (needs: pip install onnx onnxscript onnxruntime) or torchscript."),
+    out: Path = typer.Option(..., help="File to write; checked against the eager model before it is renamed into place."),
+) -> None:
+    """Export a trained model to ONNX or TorchScript, with a numerical check."""
+    from unetseg.export import main_export
+
+    raise typer.Exit(main_export(model, format.value, out))
+
+
 @shards_app.command("info")
 def shards_info(folder: Path = typer.Argument(..., help="A shard folder with dataset.json.")) -> None:
     """Samples per split and the class-frequency table."""
