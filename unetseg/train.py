@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -154,8 +154,12 @@ def truncate_metrics(path: Path, step: int) -> None:
 # --- the loop ---------------------------------------------------------------------------
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Train as ``config`` says; returns the final evaluation metrics (and ``stopped``)."""
+def train(config: TrainConfig, batches: Iterator[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train as ``config`` says; returns the final evaluation metrics (and ``stopped``).
+
+    ``batches`` replaces the training stream (each a dict with ``image`` and ``mask``
+    tensors), e.g. in-memory data for ``benchmarks/train_step.py``; the classes and the
+    validation split still come from ``config.data``."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -258,7 +262,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                                rank=accelerator.process_index, world_size=world, seed=rc.seed,
                                start_batch=ts.step * accum, shuffle_buffer=dc.shuffle_buffer, max_bad_samples=dc.max_bad_samples)
     train_stats, eval_stats = StreamStats(dc.max_bad_samples), StreamStats(dc.max_bad_samples)
-    batches = iterate(make_loader(train_stream, dc.num_workers), train_stats)
+    if batches is None:
+        batches = iterate(make_loader(train_stream, dc.num_workers), train_stats)
     eval_loader = make_loader(EvalStream(val_source, eval_tf, dc.eval_batch_size or dc.batch_size, rank=accelerator.process_index,
                                          world_size=world, max_bad_samples=dc.max_bad_samples), dc.num_workers)
 
