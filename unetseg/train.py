@@ -129,11 +129,10 @@ def sync_buffers(net: torch.nn.Module, world: int) -> None:
         return
     from unetseg.distributed import all_reduce_sum
 
+    # Integer buffers (num_batches_tracked) are the same on every rank already.
     for buffer in net.buffers():
         if buffer.is_floating_point():
             buffer.copy_(all_reduce_sum(buffer.detach().clone()) / world)
-        else:  # counters such as num_batches_tracked: the same on every rank
-            pass
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -238,10 +237,10 @@ def train(config: TrainConfig, batches: Iterator[dict[str, Any]] | None = None) 
     loss_fn = SegmentationLoss(config.loss.loss, ignore, weights, config.loss.label_smoothing, config.loss.dice_weight).to(device)
 
     # Resume, or start the run dir.
-    ts = TrainerState()
+    ts = resumed or TrainerState()
     metrics_path = run_dir / "metrics.jsonl"
     if resume_from:
-        ts = TrainerState(**load_checkpoint(accelerator, resume_from))
+        load_checkpoint(accelerator, resume_from)
         scheduler.load_state_dict(ts.scheduler)
     saved_config = {**config.to_dict(), "unet": unet_config.to_dict()}
     if main:
