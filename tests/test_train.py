@@ -81,6 +81,20 @@ def test_single_process_learns_and_writes_the_run_dir(tmp_path, data):
     assert again.returncode == 1 and "--resume auto" in again.stderr and "Traceback" not in again.stderr
 
 
+def test_bf16_channels_last_on_the_cpu_learns(tmp_path, data):
+    out = tmp_path / "run"
+    result = run(train_cmd(data, out, "--max-steps", "40", "--log-every", "5", "--eval-every", "40",
+                           "--warmup-steps", "3", "--mixed-precision", "bf16", "--channels-last", "on"))
+    assert "on cpu, mixed precision bf16, channels_last;" in result.stdout
+    logs, evals = metrics(out)
+    assert logs[-1]["loss"] < logs[0]["loss"] * 0.85, [r["loss"] for r in logs]
+    assert evals[-1]["num_samples"] == 7
+    # The saved weights are plain fp32 tensors that load into a default model.
+    assert all(t.dtype == torch.float32 for t in weights(out / "final").values() if t.is_floating_point())
+    model, _, _ = load_model(out)
+    assert torch.isfinite(model(torch.randn(1, 3, 32, 32))).all()
+
+
 @pytest.mark.multiprocess
 def test_two_processes_agree_and_eval_equals_one_process(tmp_path, data):
     out = tmp_path / "ddp"

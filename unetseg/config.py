@@ -178,6 +178,9 @@ class RunConfig:
     """Tracker run name. Default: the run dir's name."""
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     """Mixed precision. Default: what accelerate launch / the accelerate config says, else no."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """channels_last memory format for the model and batches. auto: on for CUDA only. On an
+    x86 CPU it can be faster too (docs/benchmarks.md): try on."""
     compile: bool = False
     """torch.compile the model."""
     sync_bn: bool = False
@@ -200,6 +203,7 @@ class RunConfig:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "keep at least 1")
         _check(self.log_every >= 1, "log_every", self.log_every, "use 1 or more")
         _choice("tracker", self.tracker, ("wandb", "tensorboard", "none"))
+        _choice("channels_last", self.channels_last, ("auto", "on", "off"))
         _check(self.mixed_precision in (None, "no", "fp16", "bf16"), "mixed_precision", self.mixed_precision, "use no, fp16 or bf16")
 
 

@@ -221,7 +221,7 @@ def train(config: TrainConfig, batches: Iterator[dict[str, Any]] | None = None) 
     net = UNet(unet_config)
     if rc.sync_bn and world > 1:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    channels_last = device.type == "cuda"
+    channels_last = rc.channels_last == "on" or (rc.channels_last == "auto" and device.type == "cuda")
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(net, oc.optimizer, lr=oc.lr, weight_decay=oc.weight_decay, betas=tuple(oc.betas),
@@ -249,8 +249,8 @@ def train(config: TrainConfig, batches: Iterator[dict[str, Any]] | None = None) 
         (run_dir / "dataset.json").write_text(info.to_json(), encoding="utf-8")
         truncate_metrics(metrics_path, ts.step)
         print(config.to_yaml(), end="")
-        print(f"{net.describe()}; {world} process(es) on {device.type}, mixed precision {accelerator.mixed_precision}; "
-              f"{total_steps} steps of {dc.batch_size} x {world} x {accum} images ({steps_per_epoch} per epoch); "
+        print(f"{net.describe()}; {world} process(es) on {device.type}, mixed precision {accelerator.mixed_precision}"
+              f"{', channels_last' if channels_last else ''}; {total_steps} steps of {dc.batch_size} x {world} x {accum} images ({steps_per_epoch} per epoch); "
               f"run dir {run_dir}" + (f"; resuming from {resume_from} at step {ts.step}" if resume_from else ""), flush=True)
     if log_with:
         accelerator.init_trackers(rc.project, config=flat_config(config.to_dict()), init_kwargs=init_kwargs)
