@@ -150,6 +150,8 @@ def main() -> None:
         print(f"{r['batch']:>5}  {r['precision']:<9} {'channels_last' if r['channels_last'] else 'contiguous':<14} "
               f"{shown:>9} {ratio:>8} {peak:>9}")
     fitted = [r for r in rows if r["images_per_s"]]
+    if not fitted:
+        raise SystemExit("every configuration ran out of memory: try smaller --batch-sizes or --size")
     best = max(fitted, key=lambda r: r["images_per_s"])
     baseline_batch = max((b for b, v in base.items() if v), default=None)
     result = {
