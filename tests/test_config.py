@@ -64,3 +64,10 @@ def test_shipped_recipes_are_valid_configs(path):
     config = build_config(str(path), {})
     assert config.data.data == "shards/camvid"
     assert config.optim.warmup_steps < config.run.max_steps
+
+
+@pytest.mark.parametrize("text, expected", [("on", "on"), ("off", "off"), ('"on"', "on"), ("auto", "auto")])
+def test_unquoted_yaml_on_off_means_the_channels_last_choice(tmp_path, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run:\n  channels_last: {text}\n")
+    assert build_config(str(path), {}).run.channels_last == expected

@@ -203,6 +203,8 @@ class RunConfig:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "keep at least 1")
         _check(self.log_every >= 1, "log_every", self.log_every, "use 1 or more")
         _choice("tracker", self.tracker, ("wandb", "tensorboard", "none"))
+        if isinstance(self.channels_last, bool):  # YAML 1.1 reads an unquoted on/off as a bool
+            self.channels_last = "on" if self.channels_last else "off"
         _choice("channels_last", self.channels_last, ("auto", "on", "off"))
         _check(self.mixed_precision in (None, "no", "fp16", "bf16"), "mixed_precision", self.mixed_precision, "use no, fp16 or bf16")
 
