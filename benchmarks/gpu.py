@@ -78,6 +78,8 @@ def step_rate(device: torch.device, *, width: int, depth: int, classes: int, bat
 
 
 def loader_rate(data: str, size: tuple[int, int], batch: int, workers: int, num: int, warmup: int) -> float:
+    from loader import rate  # benchmarks/loader.py, beside this file
+
     from unetseg.stream import StreamStats, TrainStream, batches_per_epoch, iterate, make_loader, open_source
     from unetseg.transforms import TrainTransform, TrainTransformConfig
 
@@ -85,13 +87,7 @@ def loader_rate(data: str, size: tuple[int, int], batch: int, workers: int, num:
     tf = TrainTransform(TrainTransformConfig(crop_size=size, scale_range=(0.5, 2.0), jitter=0.2),
                         source.info.classes.ignore_index)
     stream = TrainStream(source, tf, batch, batches_per_epoch=batches_per_epoch(source.num_samples or 1000, batch, 1))
-    it = iterate(make_loader(stream, workers), StreamStats())
-    for _ in range(warmup):
-        next(it)
-    start = time.perf_counter()
-    for _ in range(num):
-        next(it)
-    return num * batch / (time.perf_counter() - start)
+    return rate(iterate(make_loader(stream, workers), StreamStats()), batch, num, warmup)
 
 
 def main() -> None:

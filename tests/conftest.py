@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,9 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# For shell scripts under test: the venv's bin first, so they find its python and accelerate.
+SCRIPT_ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+              "OMP_NUM_THREADS": "1"}
 CAMVID = REPO.parent / "shared" / "data" / "camvid"
 
 PALETTE = [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]]

@@ -1,22 +1,19 @@
-"""The launch scripts: valid shell, shellcheck-clean, and the CPU ones really train."""
+"""The launch scripts: valid shell, shellcheck-clean (benchmarks/*.sh too), and the CPU ones really train."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SCRIPT_ENV as ENV
 from multiproc import free_port
 from unetseg.synth import synth
 
-SCRIPTS = sorted((REPO / "launch").glob("*.sh")) + sorted((REPO / "launch").glob("*.sbatch"))
-# The venv's bin first, so the scripts find its accelerate and python.
-ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+SCRIPTS = [*sorted((REPO / "launch").glob("*.sh")), *sorted((REPO / "launch").glob("*.sbatch")),
+           *sorted((REPO / "benchmarks").glob("*.sh"))]
 TINY = ["--batch-size", "4", "--model-width", "4", "--model-depth", "2", "--num-workers", "0", "--tracker", "none",
         "--crop-size", "32"]
 
