@@ -85,7 +85,7 @@ def loader_rate(data: str, size: tuple[int, int], batch: int, workers: int, num:
 
     source = open_source(data, "train")
     tf = TrainTransform(TrainTransformConfig(crop_size=size, scale_range=(0.5, 2.0), jitter=0.2),
-                        source.info.classes.ignore_index)
+                        source.info.classes.ignore_label)
     stream = TrainStream(source, tf, batch, batches_per_epoch=batches_per_epoch(source.num_samples or 1000, batch, 1))
     return rate(iterate(make_loader(stream, workers), StreamStats()), batch, num, warmup)
 

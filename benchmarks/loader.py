@@ -108,7 +108,7 @@ def main() -> None:
     masks = Path(args.masks or Path(packed_from.get("masks", "")) / args.split)
     if not images.is_dir() or not masks.is_dir():
         raise SystemExit(f"original files not found at {images} / {masks}: pass --images and --masks")
-    ignore = source.info.classes.ignore_index
+    ignore = source.info.classes.ignore_label
     augment = TrainTransform(TrainTransformConfig(crop_size=args.crop_size, jitter=0.3), ignore)
     # Same output size as the augmented stream (a crop is a slice), nothing random else.
     plain = TrainTransform(TrainTransformConfig(crop_size=args.crop_size, scale_range=(1.0, 1.0), hflip=False), ignore)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,7 @@ def make_folders(
     mask_encoding: str = "index",
     num_classes: int = 4,
     seed: int = 0,
+    ignore: int | None = IGNORE,
 ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Write ``root/images/<split>/*`` and ``root/masks/<split>/*.png``; ``splits=None``
     writes one flat folder. Returns the pixels written, by split and stem."""
@@ -84,8 +87,8 @@ def make_folders(
         (root / "masks" / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             stem = f"{split or 'img'}_{i:03d}"
-            ignore = None if mask_encoding == "binary" else IGNORE
-            image, mask = random_pair(rng, *size, num_classes=2 if mask_encoding == "binary" else num_classes, ignore=ignore)
+            image, mask = random_pair(rng, *size, num_classes=2 if mask_encoding == "binary" else num_classes,
+                                      ignore=None if mask_encoding == "binary" else ignore)
             Image.fromarray(image).save(root / "images" / split / f"{stem}{image_ext}")
             encode_mask(mask, mask_encoding).save(root / "masks" / split / f"{stem}.png")
             written.setdefault(split, {})[stem] = (image, mask)
@@ -112,3 +115,42 @@ def read_split(folder: Path, split: str) -> dict[str, dict]:
 def leftovers(parent: Path) -> list[str]:
     """Hidden partial folders a failed write could have left behind."""
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def corrupt(folder: Path, shard: str, which: int) -> str:
+    """Replace the image of the ``which``-th sample of a shard with bytes that don't decode."""
+    path = folder / shard
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    key = None
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            if m.name.endswith(".jpg") and which == 0:
+                key, data = m.name.split(".")[0], b"\xff\xd8 broken jpeg"
+                m.size = len(data)
+            if m.name.endswith(".jpg"):
+                which -= 1
+            tar.addfile(m, io.BytesIO(data))
+    return key
+
+
+def run_main(command: str, argv: list, capsys) -> tuple[int, str, str]:
+    """``python -m unetseg.<command> ARGV`` in this process: (exit code, stdout, stderr).
+    Fast (no interpreter start), and an unexpected exception fails the test with its
+    traceback. Train's SIGTERM/SIGINT handlers are put back afterwards."""
+    import signal
+
+    from unetseg.evaluate import main as evaluate_main
+    from unetseg.train import main as train_main
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        {"train": train_main, "evaluate": evaluate_main}[command]([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    out = capsys.readouterr()
+    return code, out.out, out.err

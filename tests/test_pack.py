@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import IGNORE, NAMES, PALETTE, leftovers, make_folders, read_split, write_classes
+from conftest import NAMES, PALETTE, leftovers, make_folders, read_split, write_classes
 from unetseg.dataset import ClassInfo, DatasetInfo
 from unetseg.errors import InputProblems, UnetsegError
 from unetseg.pack import pack

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
-import tarfile
 import time
 import urllib.request
 from pathlib import Path
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, corrupt
 from multiproc import free_port, run_distributed
 from unetseg.dataset import DatasetInfo
 from unetseg.errors import UnetsegError
@@ -61,10 +61,10 @@ def eval_keys(source, workers=0, rank=0, world=1, resize=None) -> list[str]:
     return [k for b in iterate(make_loader(stream, workers), StreamStats()) for k in b["keys"]]
 
 
-def train_stream(source, workers=0, start=0, seed=0, per_epoch=5, crop=16, **kw):
-    t = TrainTransform(TrainTransformConfig(crop_size=crop, jitter=0.3), source.info.classes.ignore_index)
+def train_stream(source, workers=0, start=0, seed=0, per_epoch=5, crop=16, stats=None, **kw):
+    t = TrainTransform(TrainTransformConfig(crop_size=crop, jitter=0.3), source.info.classes.ignore_label)
     stream = TrainStream(source, t, 3, batches_per_epoch=per_epoch, seed=seed, start_batch=start, shuffle_buffer=8, **kw)
-    return iterate(make_loader(stream, workers), StreamStats(kw.get("max_bad_samples", 10)))
+    return iterate(make_loader(stream, workers), stats or StreamStats(kw.get("max_bad_samples", 10)))
 
 
 @pytest.mark.multiprocess
@@ -74,6 +74,8 @@ def test_exact_once_over_two_processes_any_shard_layout(tmp_path):
         folder = make(tmp_path, f"s{n_shards}")
         reshard(folder, "val", sizes)
         reshard(folder, "train", sizes)
+        for i, name in enumerate(DatasetInfo.load(folder).splits["val"].shards):
+            shutil.copy(folder / name, folder / f"copy-{i:06d}.tar")  # a pattern whose sizes are unknown
         folders.append(folder)
     run_distributed([str(REPO / "tests" / "scripts" / "stream_worker.py"), str(tmp_path), *map(str, folders)], nproc=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -159,38 +161,25 @@ def test_train_batches_have_the_crop_size_and_valid_labels(tmp_path):
         assert set(b["mask"].unique().tolist()) <= set(range(10)) | {255}
 
 
-def corrupt(folder: Path, shard: str, which: int) -> str:
-    """Replace the image of the ``which``-th sample of a shard with bytes that don't decode."""
-    path = folder / shard
-    with tarfile.open(path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    import io
-
-    key = None
-    with tarfile.open(path, "w") as tar:
-        for m, data in members:
-            if m.name.endswith(".jpg") and which == 0:
-                key, data = m.name.split(".")[0], b"\xff\xd8 broken jpeg"
-                m.size = len(data)
-            if m.name.endswith(".jpg"):
-                which -= 1
-            tar.addfile(m, io.BytesIO(data))
-    return key
-
-
 def test_corrupt_sample_is_skipped_counted_and_budget_stops(tmp_path):
     folder = make(tmp_path, "s", train=6, val=6)
     bad_key = corrupt(folder, "val-000000.tar", 2)
-    corrupt(folder, "train-000000.tar", 1)
+    train_bad_key = corrupt(folder, "train-000000.tar", 1)
     source = open_source(folder, "val")
     stats = StreamStats(max_bad_samples=3)
     stream = EvalStream(source, EvalTransform(EvalTransformConfig()), 4)
     keys = [k for b in iterate(make_loader(stream), stats) for k in b["keys"]]
     assert sorted(keys) == sorted(set(all_keys(folder, "val")) - {bad_key})
     assert stats.bad_samples == 1 and stats.reduce() == 1
-    assert any(bad_key in r for r in stats.recent)
-    it = train_stream(open_source(folder, "train"), workers=0, max_bad_samples=5)
-    [next(it) for _ in range(3)]
+    assert len(stats.problems()) == 1 and bad_key in stats.problems()[0]
+    # The training stream reads the bad sample again in every epoch and in both workers,
+    # skips it each time and counts it once.
+    train_stats = StreamStats(max_bad_samples=1)
+    it = train_stream(open_source(folder, "train"), workers=2, per_epoch=1, stats=train_stats, max_bad_samples=1)
+    keys = [k for _ in range(10) for k in next(it)["keys"]]  # 10 epochs of one batch of 3
+    assert len(keys) == 30 and train_bad_key not in keys and set(keys) == set(all_keys(folder, "train")) - {train_bad_key}
+    assert train_stats.bad_samples == 1 and train_stats.reduce() == 1
+    assert len(train_stats.problems()) == 1 and train_bad_key in train_stats.problems()[0]
     with pytest.raises(UnetsegError) as e:
         for _ in iterate(make_loader(EvalStream(source, EvalTransform(EvalTransformConfig()), 4)), StreamStats(0)):
             pass
@@ -209,7 +198,7 @@ def test_truncated_shard_counts_its_missing_samples(tmp_path):
     keys = [k for b in iterate(make_loader(EvalStream(open_source(folder, "val"), EvalTransform(EvalTransformConfig()), 4)), stats)
             for k in b["keys"]]
     assert len(keys) + stats.bad_samples == 8 and stats.bad_samples >= 3
-    assert any("val-000001.tar" in r for r in stats.recent)
+    assert len(stats.problems()) == 1 and "val-000001.tar" in stats.problems()[0]
 
 
 def test_eval_stream_refuses_a_train_transform(tmp_path):
@@ -266,3 +255,84 @@ def test_shards_stream_through_a_pipe_command(tmp_path):
     assert sorted(eval_keys(source, workers=2)) == sorted(all_keys(folder, "val"))
     with pytest.raises(UnetsegError, match="--dataset-json"):
         open_source(f"pipe:cat {folder}/val-000000.tar", "val")
+
+
+def test_a_truncated_training_shard_counts_the_samples_it_lost_once(tmp_path):
+    folder = make(tmp_path, "s", train=12, val=1, shard_size=4)
+    shard = folder / "train-000001.tar"
+    full = shard.read_bytes()
+    shard.write_bytes(full[: len(full) // 2])  # about half of its 4 samples are lost
+    readable = len([s for s in _readable(shard)])
+    assert 0 < readable < 4
+    stats = StreamStats(max_bad_samples=4)
+    it = train_stream(open_source(folder, "train"), workers=2, per_epoch=2, stats=stats, max_bad_samples=4)
+    for _ in range(16):  # 8 epochs: the shard is read again and again
+        next(it)
+    assert stats.bad_samples == 4 - readable  # counted once, as the samples it lost
+    assert len(stats.problems()) == 1 and "train-000001.tar" in stats.problems()[0]
+
+
+def _readable(shard: Path):
+    from unetseg.shards import ShardReadError
+
+    try:
+        yield from iter_shard(shard)
+    except ShardReadError:
+        return
+
+
+def test_a_pattern_is_taken_for_the_split_dataset_json_lists_it_under(tmp_path):
+    from unetseg.stream import sibling_split
+
+    folder = make(tmp_path, "s", train=9, val=5, shard_size=3)
+    train = open_source(f"{folder}/train-{{000000..000002}}.tar", "train")
+    assert train.counts == [3, 3, 3] and train.folder == str(folder)
+    val = sibling_split(train, "val")  # the validation shards beside the training pattern
+    assert sorted(eval_keys(val)) == sorted(all_keys(folder, "val"))
+    assert not set(val.urls) & set(train.urls)
+    with pytest.raises(UnetsegError, match=r"train-000000.tar \(train\).*another split than 'val'"):
+        open_source(f"{folder}/train-{{000000..000002}}.tar", "val")
+    with pytest.raises(UnetsegError, match="does not list"):
+        open_source(f"{folder}/train-{{000000..000009}}.tar", "train")
+    piped = open_source(f"pipe:cat {folder}/train-{{000000..000002}}.tar", "train", dataset_json=folder / "dataset.json")
+    assert piped.counts == [3, 3, 3]
+    with pytest.raises(UnetsegError, match="--val-data"):
+        sibling_split(piped, "val")
+
+
+def _idle_worker() -> None:
+    from unetseg.stream import _worker_init
+
+    _worker_init(0)
+    while True:
+        time.sleep(0.05)
+
+
+def test_loader_workers_die_of_sigterm_from_their_own_process_only(tmp_path):
+    """A launcher's or SLURM's SIGTERM reaches the DataLoader workers too; the training
+    process must stay in charge of stopping them (it checkpoints first)."""
+    import multiprocessing
+
+    folder = make(tmp_path, "s", train=6, val=1)
+    loader = make_loader(TrainStream(open_source(folder, "train"),
+                                     TrainTransform(TrainTransformConfig(crop_size=16), 255), 2, batches_per_epoch=3), 1)
+    it = iter(loader)
+    next(it)
+    (worker,) = it._workers
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process
+    time.sleep(0.5)
+    assert worker.is_alive()
+    for _ in range(4):  # and it goes on serving batches
+        assert next(it)["image"].shape[0] == 2
+    it._shutdown_workers()
+    assert not worker.is_alive()
+    # The clean-up of DataLoader and multiprocessing (terminate, from the parent) still works.
+    process = multiprocessing.get_context("fork").Process(target=_idle_worker, daemon=True)
+    process.start()
+    time.sleep(0.5)
+    subprocess.run(["kill", "-TERM", str(process.pid)], check=True)
+    time.sleep(0.3)
+    assert process.is_alive()
+    process.terminate()
+    process.join(timeout=10)
+    assert process.exitcode == -15

@@ -58,6 +58,14 @@ class ClassInfo:
     def num_classes(self) -> int:
         return len(self.names)
 
+    @property
+    def ignore_label(self) -> int:
+        """The label of pixels that no loss or metric counts: ``ignore_index``, or
+        ``MAX_LABEL`` (255) when the dataset has none. Padding (crops larger than the
+        image, batches of mixed sizes) carries it too. 255 is never a class id: masks
+        are 8-bit and there are at most 255 classes."""
+        return MAX_LABEL if self.ignore_index is None else self.ignore_index
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

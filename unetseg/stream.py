@@ -4,7 +4,9 @@ Sources
     A shard folder (local path or ``http(s)://`` base URL) with ``dataset.json``, or an
     explicit brace pattern / ``::``-separated list of shard URLs (local paths, ``http(s)://``,
     ``pipe:CMD``, and whatever else webdataset's ``gopen`` opens). For a pattern,
-    ``dataset.json`` is looked up beside the first shard unless given.
+    ``dataset.json`` is looked up beside the first shard unless given, and says which
+    split the pattern's shards belong to; the other splits' shards are found by the names
+    dataset.json lists, in the same folder (:func:`sibling_split`).
 
 Training stream (:class:`TrainStream`)
     Infinite and resampled: every DataLoader worker of every rank runs its own seeded
@@ -32,10 +34,12 @@ Evaluation stream (:class:`EvalStream`)
     Ranks may get different numbers of batches; nothing is padded or repeated.
 
 Bad data
-    A sample that fails to decode, or a shard that cannot be read to its end, is skipped
-    and counted. Batches carry each worker's running count; :class:`StreamStats` sums
-    them on the rank, ``StreamStats.reduce`` over ranks, and the run stops with a message
-    naming the shard once more than ``max_bad_samples`` were skipped.
+    A sample that fails to decode, or the part of a shard that cannot be read, is skipped
+    and recorded once, by its shard and key (a truncated shard counts the samples it
+    lost, from dataset.json's counts), however often the stream reads it again. Batches
+    carry each worker's new records; :class:`StreamStats` merges them on the rank and
+    ``StreamStats.reduce`` over ranks, and the run stops with a message listing each bad
+    sample once as soon as more than ``max_bad_samples`` distinct samples were lost.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ import math
 import os
 import random
 import signal
+import threading
 import warnings
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,10 +88,17 @@ class Source:
     counts: list[int] | None
     info: DatasetInfo
     split: str
+    folder: str | None = None
+    """The folder or base URL all ``urls`` are in (``None`` for ``pipe:`` commands or
+    shards from several folders): where the other splits' shards are looked up."""
 
     @property
     def num_samples(self) -> int | None:
         return sum(self.counts) if self.counts is not None else None
+
+    def describe(self) -> str:
+        where = self.folder or " :: ".join(self.urls[:2]) + (" ..." if len(self.urls) > 2 else "")
+        return f"split {self.split!r} of {where}"
 
 
 def _is_remote(text: str) -> bool:
@@ -96,6 +107,13 @@ def _is_remote(text: str) -> bool:
 
 def _join(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}" if _is_remote(base) else str(Path(base) / name)
+
+
+def is_pattern(data: str | os.PathLike) -> bool:
+    """Whether ``data`` names shards (a brace pattern, a ``.tar`` URL, a ``::`` list)
+    rather than a shard folder."""
+    text = str(data)
+    return "{" in text or text.endswith(".tar") or "::" in text
 
 
 def load_dataset_json(location: str | os.PathLike) -> DatasetInfo:
@@ -113,24 +131,59 @@ def load_dataset_json(location: str | os.PathLike) -> DatasetInfo:
 
 
 def open_source(data: str | os.PathLike, split: str, dataset_json: str | os.PathLike | None = None) -> Source:
-    """Resolve ``data`` (a shard folder or URL, or a shard pattern) to the shards of ``split``."""
+    """Resolve ``data`` (a shard folder or URL, or a shard pattern) to the shards of ``split``.
+
+    A pattern names its shards itself; dataset.json says which split each belongs to, and
+    a pattern whose shards dataset.json lists under another split is an error, so that
+    training shards are never taken for validation ones. Shards that dataset.json does
+    not list at all are taken as ``split`` with unknown sample counts."""
     from braceexpand import braceexpand
 
     text = str(data)
-    if "{" in text or text.endswith(".tar") or "::" in text:
+    if is_pattern(text):
         urls = [u for part in text.split("::") for u in braceexpand(part)]
-        location = dataset_json or _join(urls[0].rsplit("/", 1)[0] if "/" in urls[0] else ".", DATASET_JSON)
         if urls[0].startswith("pipe:") and dataset_json is None:
             raise UnetsegError(f"{text}: a pipe: pattern has no folder to find dataset.json in. Fix: pass --dataset-json")
+        folders = {u.rsplit("/", 1)[0] if "/" in u else "." for u in urls}
+        folder = folders.pop() if len(folders) == 1 and not urls[0].startswith("pipe:") else None
+        location = dataset_json or _join(folder or (urls[0].rsplit("/", 1)[0] if "/" in urls[0] else "."), DATASET_JSON)
         info = load_dataset_json(location)
-        s = info.split(split, source=str(location))
-        by_name = dict(zip(s.shards, s.shard_num_samples))
+        info.split(split, source=str(location))
+        owner = {name: name_split for name_split, s in info.splits.items() for name in s.shards}
         names = [u.rsplit("/", 1)[-1] for u in urls]
-        counts = [by_name[n] for n in names] if all(n in by_name for n in names) else None
-        return Source(urls=urls, counts=counts, info=info, split=split)
+        found = sorted({owner[n] for n in names if n in owner})
+        if found and found != [split]:
+            others = [f"{n} ({owner[n]})" for n in names if owner.get(n, split) != split]
+            raise UnetsegError(
+                f"{text}: {location} lists {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} under another "
+                f"split than {split!r}. Fix: give a pattern of the {split!r} shards only, or the shard folder itself"
+                + (" (the other splits' shards are then found through dataset.json)" if split != "val" else "")
+            )
+        if found and len(found) == 1 and not all(n in owner for n in names):
+            missing = [n for n in names if n not in owner]
+            raise UnetsegError(f"{text}: {location} does not list {missing[:3]}. Fix: check the pattern's shard numbers")
+        s = info.splits[split]
+        by_name = dict(zip(s.shards, s.shard_num_samples))
+        counts = [by_name[n] for n in names] if found else None
+        return Source(urls=urls, counts=counts, info=info, split=split, folder=folder)
     info = load_dataset_json(text)
     s = info.split(split, source=_join(text, DATASET_JSON))
-    return Source(urls=[_join(text, n) for n in s.shards], counts=list(s.shard_num_samples), info=info, split=split)
+    return Source(urls=[_join(text, n) for n in s.shards], counts=list(s.shard_num_samples), info=info, split=split,
+                  folder=text)
+
+
+def sibling_split(source: Source, split: str, what: str = "--val-data") -> Source:
+    """The shards of another ``split`` of the dataset ``source`` comes from: the names
+    dataset.json lists for it, in ``source``'s folder. For a ``pipe:`` pattern or shards
+    from several folders there is no such folder: an error says to pass ``what``."""
+    if source.folder is None:
+        raise UnetsegError(
+            f"{' :: '.join(source.urls[:2])}: cannot tell where the {split!r} shards are (the shards do not come from "
+            f"one folder or URL). Fix: pass {what} with the {split!r} shards (a folder or pattern)"
+        )
+    s = source.info.split(split, source=_join(source.folder, DATASET_JSON))
+    return Source(urls=[_join(source.folder, n) for n in s.shards], counts=list(s.shard_num_samples), info=source.info,
+                  split=split, folder=source.folder)
 
 
 # --- decoding and batching -------------------------------------------------------------
@@ -167,38 +220,49 @@ def collate(images: list[torch.Tensor], masks: list[torch.Tensor], pad_label: in
     return image_batch, mask_batch
 
 
-def _seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed from a tuple of integers (``numpy.random.SeedSequence``): distinct
+    tuples give unrelated streams."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 class _BadLog:
-    """A worker's running count of skipped samples, attached to each batch it yields."""
+    """A worker's bad samples, each counted once: ``found`` maps an id (shard URL and
+    sample key, or a shard's unreadable tail) to (samples lost, what happened). The
+    ids not yet reported ride on the next batch the worker yields."""
 
-    def __init__(self, budget: int):
-        self.budget, self.count, self.recent = budget, 0, deque(maxlen=3)
-        info = get_worker_info()
-        self.worker = info.id if info else 0
+    def __init__(self, budget: int | None):
+        self.budget = budget
+        self.found: dict[str, tuple[int, str]] = {}
+        self.unsent: list[tuple[str, int, str]] = []
+        self.fatal: str | None = None
 
-    def add(self, where: str, error: str, n: int = 1) -> None:
-        self.count += n
-        self.recent.append(f"{where}: {error}")
+    def add(self, ident: str, where: str, error: str, n: int = 1) -> None:
+        if ident not in self.found:
+            self.found[ident] = (n, f"{where}: {error}")
+            self.unsent.append((ident, n, f"{where}: {error}"))
 
     @property
-    def over_budget(self) -> bool:
-        return self.count > self.budget
+    def count(self) -> int:
+        return sum(n for n, _ in self.found.values())
+
+    @property
+    def stop(self) -> bool:
+        return self.fatal is not None or (self.budget is not None and self.count > self.budget)
 
     def tag(self, batch: dict[str, Any]) -> dict[str, Any]:
-        batch["_bad"] = (self.worker, self.count, tuple(self.recent))
+        batch["_bad"], self.unsent = self.unsent, []
         return batch
 
     def error_batch(self) -> dict[str, Any]:
         # Raising inside a worker reaches the main process wrapped in a traceback; a
         # marker batch lets the main process stop with a plain message instead.
-        return self.tag({"_error": f"more than {self.budget} bad samples in one worker"})
+        return self.tag({"_error": self.fatal or f"{self.count} bad samples, more than --max-bad-samples {self.budget}"})
 
 
-def _read(urls: list[str], bad: _BadLog, order: Iterator[int]) -> Iterator[dict[str, Any]]:
-    """Raw samples from the shards ``order`` names; unreadable parts are counted."""
+def _read(urls: list[str], counts: list[int] | None, bad: _BadLog, order: Iterator[int]) -> Iterator[dict[str, Any]]:
+    """Raw samples from the shards ``order`` names. A shard that cannot be read to its
+    end counts as the samples it lost (from ``counts``; at least one when unknown)."""
     empty = 0
     for index in order:
         got = 0
@@ -207,14 +271,23 @@ def _read(urls: list[str], bad: _BadLog, order: Iterator[int]) -> Iterator[dict[
                 got += 1
                 yield sample
         except ShardReadError as e:
-            bad.add(urls[index], str(e).split(": ", 1)[-1])
-            if bad.over_budget:
+            lost = max(1, counts[index] - got) if counts is not None else 1
+            bad.add(f"{urls[index]}#tail", urls[index],
+                    f"{lost if counts is not None else 'some'} samples lost after sample {got}: {str(e).split(': ', 1)[-1]}", lost)
+            if bad.stop:
                 return
         empty = 0 if got else empty + 1
         if empty >= _MAX_EMPTY_SHARDS:
-            bad.add(urls[index], f"{_MAX_EMPTY_SHARDS} shards in a row gave no sample")
-            bad.count = bad.budget + 1
+            bad.fatal = f"{_MAX_EMPTY_SHARDS} shards in a row gave no sample (the last: {urls[index]})"
             return
+
+
+def _decode_or_log(sample: dict[str, Any], bad: _BadLog) -> tuple[tv_tensors.Image, tv_tensors.Mask] | None:
+    try:
+        return decode_pair(sample)
+    except ValueError as e:
+        bad.add(f"{sample['__url__']}#{sample['__key__']}", f"{sample['__url__']} sample {sample['__key__']!r}", str(e))
+        return None
 
 
 # --- training -------------------------------------------------------------------------
@@ -248,15 +321,18 @@ class TrainStream(IterableDataset):
         self.batches_per_epoch, self.rank, self.world_size = batches_per_epoch, rank, world_size
         self.seed, self.start_batch, self.shuffle_buffer = seed, start_batch, max(1, shuffle_buffer)
         self.max_bad_samples = max_bad_samples
-        self.pad_label = 255 if source.info.classes.ignore_index is None else source.info.classes.ignore_index
+        self.pad_label = source.info.classes.ignore_label
+        if not source.urls or source.num_samples == 0:
+            raise UnetsegError(f"{source.describe()} has no samples to train on. Fix: pack some into it, or pick "
+                               "another split with --train-split")
 
     def _samples(self, epoch: int, stream: int, bad: _BadLog) -> Iterator[dict[str, Any]]:
         """Raw samples of one (epoch, stream): resampled shards through a shuffle buffer."""
-        rng = random.Random(_seed(self.seed, epoch, self.rank, stream))
+        rng = random.Random(derive_seed(self.seed, epoch, self.rank, stream))
         n = len(self.source.urls)
         shard_order = iter(lambda: rng.randrange(n), None)  # endless picks, with replacement
         buffer: list[dict[str, Any]] = []
-        for sample in _read(self.source.urls, bad, shard_order):
+        for sample in _read(self.source.urls, self.source.counts, bad, shard_order):
             buffer.append(sample)
             if len(buffer) >= self.shuffle_buffer:
                 i = rng.randrange(len(buffer))
@@ -271,18 +347,17 @@ class TrainStream(IterableDataset):
             if position < skip * self.batch_size:
                 position += 1
                 continue
-            try:
-                image, mask = decode_pair(sample)
-            except ValueError as e:
-                bad.add(f"{sample['__url__']} sample {sample['__key__']!r}", str(e))
-                if bad.over_budget:
+            pair = _decode_or_log(sample, bad)
+            if pair is None:
+                if bad.stop:
                     yield bad.error_batch()
                     return
                 continue
+            image, mask = pair
             # Each sample's augmentation is seeded by its place in the stream, so it does
             # not depend on what was skipped; fork_rng keeps the caller's RNG untouched.
             with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(_seed(self.seed, epoch, self.rank, stream, position, 1))
+                torch.default_generator.manual_seed(derive_seed(self.seed, epoch, self.rank, stream, position, 1))
                 image, mask = self.transform(image, mask)
             position += 1
             images.append(image)
@@ -292,7 +367,7 @@ class TrainStream(IterableDataset):
                 image_batch, mask_batch = collate(images, masks, self.pad_label)
                 yield bad.tag({"image": image_batch, "mask": mask_batch, "keys": keys})
                 images, masks, keys = [], [], []
-        if bad.over_budget:
+        if bad.stop:
             yield bad.error_batch()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -340,18 +415,18 @@ class EvalStream(IterableDataset):
         *,
         rank: int = 0,
         world_size: int = 1,
-        max_bad_samples: int = DEFAULT_MAX_BAD_SAMPLES,
+        max_bad_samples: int | None = DEFAULT_MAX_BAD_SAMPLES,
     ):
         if not isinstance(transform, EvalTransform):
             raise TypeError("EvalStream takes an EvalTransform: evaluation never augments")
         self.source, self.transform, self.batch_size = source, transform, batch_size
         self.rank, self.world_size, self.max_bad_samples = rank, world_size, max_bad_samples
-        self.pad_label = 255 if source.info.classes.ignore_index is None else source.info.classes.ignore_index
+        self.pad_label = source.info.classes.ignore_label
 
     def _my_samples(self, reader: int, readers: int, bad: _BadLog) -> Iterator[dict[str, Any]]:
         urls, counts = self.source.urls, self.source.counts
         if counts is None:  # unknown sizes: deal whole shards
-            yield from _read(urls, bad, iter(range(reader, len(urls), readers)))
+            yield from _read(urls, None, bad, iter(range(reader, len(urls), readers)))
             return
         lo, hi = reader_range(sum(counts), reader, readers)
         offset = 0
@@ -371,7 +446,9 @@ class EvalStream(IterableDataset):
             except ShardReadError as e:
                 error = str(e).split(": ", 1)[-1]
             if delivered < expected:
-                bad.add(url, f"{expected - delivered} samples missing: {error}", n=expected - delivered)
+                first = max(lo, start) - start + delivered
+                bad.add(f"{url}#tail@{first}", url, f"{expected - delivered} samples lost from sample {first} on: {error}",
+                        n=expected - delivered)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -389,11 +466,10 @@ class EvalStream(IterableDataset):
             return bad.tag(batch)
 
         for sample in self._my_samples(reader, readers, bad):
-            try:
-                image, mask = decode_pair(sample)
-            except ValueError as e:
-                bad.add(f"{sample['__url__']} sample {sample['__key__']!r}", str(e))
+            pair = _decode_or_log(sample, bad)
+            if pair is None:
                 continue
+            image, mask = pair
             sizes.append(tuple(mask.shape))
             if resize:
                 full.append(mask.to(torch.int64))
@@ -404,14 +480,14 @@ class EvalStream(IterableDataset):
             if len(images) == self.batch_size:
                 yield emit()
                 images, masks, full, keys, sizes = [], [], [], [], []
-            if bad.over_budget:
+            if bad.stop:
                 yield bad.error_batch()
                 return
         if images:
             yield emit()
-        elif bad.count:
-            yield bad.tag({"_empty": True})  # no batch left to carry the final count
-        if bad.over_budget:
+        elif bad.unsent:
+            yield bad.tag({"_empty": True})  # no batch left to carry the last bad samples
+        if bad.stop:
             yield bad.error_batch()
 
 
@@ -419,41 +495,56 @@ class EvalStream(IterableDataset):
 
 
 class StreamStats:
-    """Bad-sample counts of one rank's loader, summed over its workers."""
+    """The bad samples one rank's loader met, each once, merged from its workers (and,
+    after :meth:`reduce`, from every rank). ``max_bad_samples=None``: no limit."""
 
-    def __init__(self, max_bad_samples: int = DEFAULT_MAX_BAD_SAMPLES):
+    def __init__(self, max_bad_samples: int | None = DEFAULT_MAX_BAD_SAMPLES):
         self.max_bad_samples = max_bad_samples
-        self.by_worker: dict[int, int] = {}
-        self.recent: deque[str] = deque(maxlen=5)
+        self.found: dict[str, tuple[int, str]] = {}
 
     @property
     def bad_samples(self) -> int:
-        return sum(self.by_worker.values())
+        """Samples lost, each counted once (a truncated shard counts the samples it lost)."""
+        return sum(n for n, _ in self.found.values())
+
+    def problems(self) -> list[str]:
+        """What went wrong, one line per bad sample or unreadable part of a shard."""
+        return [what for _, what in sorted(self.found.values(), key=lambda item: item[1])]
 
     def update(self, batch: dict[str, Any]) -> None:
-        worker, count, recent = batch.pop("_bad", (0, 0, ()))
-        if count != self.by_worker.get(worker, 0):
-            self.recent.extend(recent)
-        self.by_worker[worker] = count
-        if "_error" in batch or self.bad_samples > self.max_bad_samples:
-            self.fail(self.bad_samples)
+        for ident, n, what in batch.pop("_bad", ()):
+            self.found.setdefault(ident, (n, what))
+        if "_error" in batch:
+            self.fail(batch["_error"])
+        if self.max_bad_samples is not None and self.bad_samples > self.max_bad_samples:
+            self.fail()
 
-    def fail(self, total: int) -> None:
-        last = "\n  ".join(self.recent) or "(no detail)"
+    def fail(self, reason: str | None = None) -> None:
+        lines = self.problems()
+        shown = "\n  ".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
+        head = reason or f"{self.bad_samples} bad samples, more than --max-bad-samples {self.max_bad_samples}"
         raise UnetsegError(
-            f"{total} bad samples, more than --max-bad-samples {self.max_bad_samples}; the last ones:\n  {last}\n"
+            f"{head}:\n  {shown or '(no detail)'}\n"
             "Fix: run `unetseg shards verify` on the shard folder and re-pack the shards it names, "
             "or raise --max-bad-samples"
         )
 
     def reduce(self) -> int:
-        """Bad samples summed over all ranks (a collective: every rank must call it)."""
-        from unetseg.distributed import all_reduce_sum
+        """Merge every rank's bad samples (a collective: every rank must call it) and
+        return how many samples were lost over all ranks, each counted once."""
+        from unetseg.distributed import is_dist
 
-        total = int(all_reduce_sum(torch.tensor([self.bad_samples], dtype=torch.int64)).item())
-        if total > self.max_bad_samples:
-            self.fail(total)
-        return total
+        if is_dist():
+            import torch.distributed as dist
+
+            gathered: list[dict[str, tuple[int, str]] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self.found)
+            for found in gathered:
+                for ident, entry in (found or {}).items():
+                    self.found.setdefault(ident, tuple(entry))
+        if self.max_bad_samples is not None and self.bad_samples > self.max_bad_samples:
+            self.fail()
+        return self.bad_samples
 
 
 def iterate(loader: DataLoader, stats: StreamStats) -> Iterator[dict[str, Any]]:
@@ -487,3 +578,31 @@ def _worker_init(worker_id: int) -> None:
     # Ctrl-C reaches the whole process group: the training process handles it (checkpoint,
     # clean exit), so its workers must not die of it first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _sigterm_from_parent_only()
+
+
+def _sigterm_from_parent_only() -> None:
+    """Let this worker die of SIGTERM only when its own training process sends it.
+
+    A launcher's SIGTERM reaches the workers too (torch elastic signals each rank's
+    process group, SLURM every process of a job step); a worker that died of it would
+    crash its training process before that could checkpoint. The training process
+    itself sends SIGTERM to shut its workers down (DataLoader and multiprocessing
+    clean-up), and that one must still work. So SIGTERM is blocked here and a thread
+    takes it with ``sigwaitinfo``, which tells who sent it. Where that call does not
+    exist (macOS), the default stays.
+    """
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the training process's handler, inherited by fork
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        # Die of it as an unblocked SIGTERM would have killed us: the DataLoader expects that.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()

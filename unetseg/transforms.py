@@ -20,6 +20,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from unetseg.dataset import MAX_LABEL
 from unetseg.errors import UnetsegError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -96,7 +97,7 @@ class TrainTransform:
         if config.jitter < 0:
             raise UnetsegError(f"jitter {config.jitter}: must be >= 0. Fix: use 0 (off) to 0.4")
         # Padding a mask needs a label no loss or metric counts.
-        fill = {tv_tensors.Image: 0, tv_tensors.Mask: 255 if ignore_index is None else ignore_index}
+        fill = {tv_tensors.Image: 0, tv_tensors.Mask: MAX_LABEL if ignore_index is None else ignore_index}
         ops: list[v2.Transform] = []
         if resize is not None:
             ops.append(v2.Resize(list(resize), antialias=True))

@@ -1,5 +1,8 @@
 """One rank of the multi-process streaming test: records which keys each stream gave it.
 
+The val shards must also be there as copy-000000.tar, ... (names dataset.json does not
+list, so their sample counts are unknown).
+
 Usage: stream_worker.py OUT_DIR DATA_FOLDER [DATA_FOLDER ...]
 """
 
@@ -17,11 +20,14 @@ rank, world = dist.get_rank(), dist.get_world_size()
 out, folders = Path(sys.argv[1]), sys.argv[2:]
 results = {}
 for folder in folders:
+    n_val = len(open_source(folder, "val").urls)
     for workers in (0, 2):
         for counts in ("known", "unknown"):
-            source = open_source(folder, "val")
-            if counts == "unknown":
-                source.counts = None  # as for a URL pattern without dataset.json sizes
+            if counts == "known":
+                source = open_source(folder, "val")
+            else:  # a real pattern over copies of the val shards that dataset.json does not list
+                source = open_source(f"{folder}/copy-{{000000..{n_val - 1:06d}}}.tar", "val")
+                assert source.counts is None, source.counts
             stream = EvalStream(source, EvalTransform(EvalTransformConfig()), 2, rank=rank, world_size=world)
             keys = [k for b in iterate(make_loader(stream, workers), StreamStats()) for k in b["keys"]]
             results[f"eval|{folder}|{workers}|{counts}"] = keys
