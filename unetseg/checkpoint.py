@@ -5,6 +5,8 @@ A checkpoint is ``RUN/checkpoints/step-00001234/``: Accelerate's ``save_state`` 
 ``trainer_state.json`` (step, epoch, data position, best mIoU, tracker run id). It is
 written under ``step-...tmp`` and renamed when complete, so a folder with the final name
 is always whole; an interrupted write is never loaded and is swept away by the next save.
+Every file and folder is fsynced before the rename and the parent folder after it, so a
+checkpoint also survives a node crash or power loss whole, or not at all.
 Only the newest ``keep`` checkpoints stay, older ones are deleted after a newer one is
 complete. Checkpoints assume a file system shared by all ranks.
 
@@ -73,10 +75,42 @@ def resolve_resume(run_dir: str | os.PathLike, resume: str | None) -> Path | Non
     return path
 
 
-def _write_text(path: Path, text: str) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's contents to the storage device (a folder: its entries)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then every folder bottom-up: after this a
+    rename of ``folder`` cannot be found on disk, after a power loss, pointing at
+    files that never made it there."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(root)
+
+
+def replace_durably(tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` (file or folder, already fsynced) to ``final``, and
+    fsync the parent folder so that the rename itself survives a crash."""
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``path`` whole or not at all, also across a node crash: a temporary file,
+    fsynced, renamed into place, then the folder fsynced."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    replace_durably(tmp, path)
 
 
 def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -90,10 +124,12 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, state: d
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_text(tmp / STATE_FILE, json.dumps(state, indent=2))
+        # The state file last: a folder with the final name and this file is complete.
+        write_text_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))
+        fsync_tree(tmp)  # every rank's files are on the shared file system by now
         if final.exists():  # the same step saved again (a stop right after a periodic save)
             shutil.rmtree(final)
-        tmp.rename(final)
+        replace_durably(tmp, final)
         prune_checkpoints(run_dir, keep)
     accelerator.wait_for_everyone()
     return final
@@ -132,14 +168,15 @@ def save_model(folder: str | os.PathLike, model: torch.nn.Module, config: dict[s
     save_file(weights, tmp / WEIGHTS_FILE)
     (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     (tmp / DATASET_JSON).write_text(dataset.to_json(), encoding="utf-8")
+    fsync_tree(tmp)
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
-        tmp.rename(folder)
+        replace_durably(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        tmp.rename(folder)
+        replace_durably(tmp, folder)
     return folder
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_sum", "get_rank", "get_world_size", "is_dist"]
+__all__ = ["all_reduce_sum", "end_process_group", "get_rank", "get_world_size", "is_dist"]
 
 
 def is_dist() -> bool:
@@ -65,3 +65,10 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def end_process_group() -> None:
+    """Destroy the default process group if one is left (after an error, say): without
+    it gloo often aborts the process at exit."""
+    if is_dist():
+        dist.destroy_process_group()
