@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, make_folders, write_classes
+from conftest import make_folders, write_classes
 from multiproc import run_distributed
 from unetseg.checkpoint import load_model
 from unetseg.dataset import DatasetInfo
@@ -125,3 +126,28 @@ def test_tta_modes(tmp_path, trained):
     result = evaluate(run_dir, "--data", data, "--out", out, "--tta", "multiscale")
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(out.read_text())["tta"] == "multiscale"
+
+
+def test_part_of_a_split_is_an_error_unless_allowed(tmp_path, trained):
+    """Scoring fewer samples than the split has exits 1 naming what could not be read;
+    --allow-missing N accepts it, and the report records how many were scored."""
+    from conftest import corrupt
+
+    run_dir, data = trained
+    shutil.copytree(data, tmp_path / "data")
+    key = corrupt(tmp_path / "data", "val-000000.tar", 1)  # one corrupt sample
+    shard = tmp_path / "data" / "val-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])  # and a truncated shard of 4
+    out = tmp_path / "report.json"
+    result = evaluate(run_dir, "--data", tmp_path / "data", "--out", out)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "of the 9 samples of split 'val' could not be scored" in result.stderr
+    assert key in result.stderr and "val-000001.tar" in result.stderr and "--allow-missing" in result.stderr
+    assert not out.exists()
+    missing = int(result.stderr.split("error: ")[1].split()[1])
+    assert 2 <= missing <= 5
+    result = evaluate(run_dir, "--data", tmp_path / "data", "--out", out, "--allow-missing", missing)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["num_samples"] == 9 - missing and report["split_samples"] == 9 and report["missing_samples"] == missing
+    assert len(report["unreadable"]) == 2

@@ -246,3 +246,24 @@ def test_class_weights_validation(kind, needle):
     with pytest.raises(UnetsegError, match="Fix:") as info:
         class_weights(kind, [10, 20, 30])
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["ce", "dice", "ce+dice"])
+def test_padding_is_ignored_when_the_dataset_has_no_ignore_index(kind):
+    """Crops and batches pad masks with ClassInfo.ignore_label (255 when the dataset has no
+    ignore_index): the loss over a padded batch equals the loss over the real pixels."""
+    from unetseg.dataset import ClassInfo
+
+    classes = ClassInfo(names=["a", "b", "c"], palette=[[0, 0, 0], [1, 1, 1], [2, 2, 2]])
+    assert classes.ignore_index is None and classes.ignore_label == 255
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 8, requires_grad=True)
+    target = torch.randint(0, 3, (2, 6, 8))
+    padded = target.clone()
+    padded[:, 4:, :] = classes.ignore_label
+    loss_fn = SegmentationLoss(kind, classes.ignore_label)
+    expected = SegmentationLoss(kind, None)(logits[:, :, :4, :], target[:, :4, :])
+    got = loss_fn(logits, padded)
+    assert torch.allclose(got, expected, atol=1e-6)
+    got.backward()
+    assert torch.count_nonzero(logits.grad[:, :, 4:, :]) == 0  # padded pixels get no gradient

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from multiproc import run_distributed
-from unetseg.checkpoint import latest_checkpoint, load_model, save_model
+from unetseg.checkpoint import latest_checkpoint, list_checkpoints, load_model, save_model
 from unetseg.optim import lr_at
 from unetseg.synth import synth
 
@@ -149,8 +150,9 @@ def test_sigterm_then_resume_auto_matches_a_straight_run(tmp_path, data):
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     logs, evals = metrics(stopped)
     assert [r["step"] for r in logs] == list(range(1, 31))  # no gap, no repeat
-    assert logs == metrics(straight)[0][: len(logs)] or [r["loss"] for r in logs] == [r["loss"] for r in metrics(straight)[0]]
-    assert [r["mIoU"] for r in evals] == [r["mIoU"] for r in metrics(straight)[1]]
+    straight_logs, straight_evals = metrics(straight)
+    assert [(r["loss"], r["lr"]) for r in logs] == [(r["loss"], r["lr"]) for r in straight_logs]
+    assert [r["confusion_matrix"] for r in evals] == [r["confusion_matrix"] for r in straight_evals]
 
 
 @pytest.mark.multiprocess
@@ -241,3 +243,160 @@ def test_save_model_replaces_whole(tmp_path, data):
     model, _, _ = load_model(tmp_path / "best")
     assert torch.equal(next(model.parameters()), next(net.parameters()))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+# --- hardening: each test fails on 3b55f7d ------------------------------------------------
+
+
+def worker_cmd(out_dir: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "tests" / "scripts" / "train_worker.py"), str(out_dir), "--data", str(data),
+            "--output-dir", str(run_dir), *TINY, *extra]
+
+
+def fails(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result
+
+
+def test_a_dataset_without_ignore_index_trains_with_padded_crops(tmp_path):
+    """Crops larger than the image pad the mask; without an ignore index the padding must
+    still be left out of the loss (cross-entropy and Dice) and the metrics."""
+    from conftest import make_folders, write_classes
+    from unetseg.pack import pack
+
+    make_folders(tmp_path, {"train": 8, "val": 3}, size=(24, 32), num_classes=3, ignore=None)
+    classes = write_classes(tmp_path / "classes.json", names=["a", "b", "c"], palette=[[0, 0, 0], [9, 9, 9], [99, 9, 9]],
+                            ignore_index=None)
+    pack(tmp_path / "images", tmp_path / "masks", classes, tmp_path / "shards", workers=1, progress=False)
+    out = tmp_path / "run"
+    run(train_cmd(tmp_path / "shards", out, "--max-steps", "4", "--eval-every", "4", "--loss", "ce+dice"))  # crops 32x32
+    logs, evals = metrics(out)
+    assert all(r["loss"] == r["loss"] and r["loss"] < 1e3 for r in logs)  # finite
+    assert evals[-1]["num_samples"] == 3 and evals[-1]["num_pixels"] == 3 * 24 * 32  # every real pixel, no padding
+
+
+def test_a_shard_pattern_trains_and_validates_on_the_val_split(tmp_path, data):
+    out = tmp_path / "run"
+    pattern = f"{data}/train-{{000000..000002}}.tar"
+    run(train_cmd(pattern, out, "--max-steps", "4", "--eval-every", "2"))
+    _, evals = metrics(out)
+    assert [r["num_samples"] for r in evals] == [7, 7]  # the val split's 7 samples, not the 24 training ones
+    # The validation split never comes from the training shards.
+    result = fails(train_cmd(pattern, tmp_path / "bad", "--val-data", pattern, "--max-steps", "2"))
+    assert "train-000000.tar (train)" in result.stderr and "another split than 'val'" in result.stderr
+    result = fails(train_cmd(f"{data}/val-000000.tar", tmp_path / "bad2", "--max-steps", "2"))
+    assert "val-000000.tar (val)" in result.stderr and "'train'" in result.stderr
+
+
+def test_stops_during_evaluation_and_on_the_last_step_resume_to_the_straight_run(tmp_path, data):
+    """A stop that arrives during an evaluation does not wait for it: the run checkpoints
+    and exits 0, and resume runs that evaluation first. A stop on the last step still ends
+    with final/, and resuming a finished run says so and exits 0."""
+    common = ["--max-steps", "12", "--eval-every", "6", "--log-every", "1", "--model-dropout", "0.1",
+              "--eval-batch-size", "2"]
+    straight = tmp_path / "straight"
+    run(train_cmd(data, straight, *common))
+    out = tmp_path / "stopped"
+    first = run(worker_cmd(tmp_path, data, out, *common), env={"SIGTERM_IN_EVAL": "1"})  # the eval at step 6
+    assert "stopped by SIGTERM at step 6" in first.stdout
+    assert json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())["pending_eval"] is True
+    assert metrics(out)[1] == []  # the cut evaluation left no record
+    second = run(worker_cmd(tmp_path, data, out, *common, "--resume", "auto"), env={"SIGTERM_IN_EVAL": "2"})
+    assert "stopped by SIGTERM at step 12" in second.stdout and not (out / "final").exists()
+    third = run(train_cmd(data, out, *common, "--resume", "auto"))
+    assert "final val mIoU" in third.stdout and (out / "final" / "model.safetensors").is_file()
+    a, b = weights(straight / "final"), weights(out / "final")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    logs, evals = metrics(out)
+    straight_logs, straight_evals = metrics(straight)
+    assert [r["step"] for r in evals] == [6, 12]
+    assert [r["confusion_matrix"] for r in evals] == [r["confusion_matrix"] for r in straight_evals]
+    assert [(r["step"], r["loss"]) for r in logs] == [(r["step"], r["loss"]) for r in straight_logs]
+    # The resubmit flow: resuming the finished run changes nothing.
+    again = run(train_cmd(data, out, *common, "--resume", "auto"))
+    assert "already finished at step 12" in again.stdout
+    assert metrics(out) == (logs, evals)
+
+
+def test_resume_refuses_another_setup_and_keeps_the_original_config(tmp_path, data, capsys):
+    from conftest import run_main
+
+    out = tmp_path / "run"
+    run(train_cmd(data, out, "--max-steps", "4", "--save-every", "2"))
+    original = (out / "config.yaml").read_text()
+    for extra, named in ((["--batch-size", "2"], "batch_size: 4 when the run started, 2 now"),
+                         (["--num-workers", "1"], "num_workers: 0 when the run started, 1 now"),
+                         (["--data", f"{data}/train-{{000000..000001}}.tar"], "train_shards")):
+        code, _, err = run_main("train", train_cmd(data, out, "--max-steps", "6", "--resume", "auto", *extra)[3:], capsys)
+        assert code == 1 and named in err and "Fix:" in err
+    assert (out / "config.yaml").read_text() == original
+    # What the data order does not depend on may change: the original config stays, the new one lands beside it.
+    run(train_cmd(data, out, "--max-steps", "6", "--resume", "auto", "--lr", "0.001"))
+    assert (out / "config.yaml").read_text() == original
+    resumed = (out / "config.resumed-step-00000004.yaml").read_text()
+    assert "lr: 0.001" in resumed and "max_steps: 6" in resumed
+
+
+def test_one_unreadable_sample_is_counted_once_over_many_epochs(tmp_path, data):
+    from conftest import corrupt
+
+    shutil.copytree(data, tmp_path / "data")
+    key = corrupt(tmp_path / "data", "train-000000.tar", 3)
+    out = tmp_path / "run"
+    # 8 epochs of 6 steps, two loader workers: the sample is read about 16 times.
+    cmd = train_cmd(tmp_path / "data", out, "--epochs", "8", "--max-bad-samples", "1", "--eval-every", "48",
+                    "--log-every", "48")
+    cmd[cmd.index("--num-workers") + 1] = "2"
+    result = run(cmd)
+    assert "1 bad training samples skipped so far" in result.stdout and key is not None
+    _, evals = metrics(out)
+    assert evals[-1]["step"] == 48 and evals[-1]["bad_samples"] == 1
+
+
+@pytest.mark.multiprocess
+def test_sync_bn_on_cpu_processes_is_refused_at_start(tmp_path, data):
+    from multiproc import launch_command
+
+    cmd = launch_command(["-m", "unetseg.train", "--data", str(data), "--output-dir", str(tmp_path / "run"), *TINY,
+                          "--max-steps", "2", "--sync-bn"], nproc=2, launcher="accelerate")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "--sync-bn: SyncBatchNorm runs on GPUs only" in result.stderr and "--model-norm group" in result.stderr
+    assert "ValueError: SyncBatchNorm" not in result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.multiprocess
+def test_two_processes_seed_per_rank_count_bad_samples_globally_and_resume_where_rank_0_says(tmp_path, data):
+    from conftest import corrupt
+
+    shutil.copytree(data, tmp_path / "data")
+    bad_key = corrupt(tmp_path / "data", "val-000000.tar", 0)  # the first val sample: rank 0's share
+    out = tmp_path / "run"
+    args = [str(REPO / "tests" / "scripts" / "train_worker.py"), str(tmp_path), "--data", str(tmp_path / "data"),
+            "--output-dir", str(out), *TINY, "--max-steps", "4", "--save-every", "2", "--eval-every", "4",
+            "--model-dropout", "0.3", "--keep-checkpoints", "2"]
+    first = run_distributed(args, nproc=2, launcher="accelerate", timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # The same initial weights on every rank, but each rank its own dropout masks.
+    assert ranks[0]["first_forward"]["params"] == ranks[1]["first_forward"]["params"]
+    assert ranks[0]["first_forward"]["rng"] != ranks[1]["first_forward"]["rng"]
+    # One sample of 7 unreadable, found by rank 0: the count and the warning are global.
+    _, evals = metrics(out)
+    assert evals[-1]["num_samples"] == 6 and evals[-1]["val_bad_samples"] == 1
+    assert "val mIoU over 6 of the split's 7 samples (1 could not be read" in first.stdout + first.stderr
+    assert bad_key in first.stdout + first.stderr
+    # Resume while rank 1 sees a stale listing (only step 2): rank 0's choice, step 4, wins on both.
+    assert [p.name for _, p in list_checkpoints(out)] == ["step-00000002", "step-00000004"]
+    resumed = run_distributed([*args[:-8], "--max-steps", "6", "--save-every", "2", "--eval-every", "6",
+                               "--model-dropout", "0.3", "--resume", "auto"],
+                              nproc=2, launcher="accelerate", timeout=300, env={"STALE_CHECKPOINT_VIEW_RANK": "1"})
+    assert "resuming from" in resumed.stdout and "step-00000004 at step 4" in resumed.stdout
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == 2 and ranks[0]["params"] == ranks[1]["params"]
+    # Another world size would continue on other data: refused.
+    result = fails([sys.executable, "-m", "unetseg.train", *args[2:-8], "--max-steps", "8", "--save-every", "2",
+                    "--eval-every", "6", "--model-dropout", "0.3", "--resume", "auto"])
+    assert "world_size: 2 when the run started, 1 now" in result.stderr

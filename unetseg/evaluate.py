@@ -118,6 +118,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-resize", help="H,W: feed the network resized images (default: as in training)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default: 2)")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: from accelerate launch, else no")
+    p.add_argument("--allow-missing", type=int, default=0, metavar="N",
+                   help="samples of the split that may be unreadable and left out of the score (default: 0, "
+                        "every sample must be scored, else the exit code is 1)")
     return p
 
 
@@ -131,6 +134,17 @@ def check_classes(model_classes, data_classes, model_path: str, data: str) -> No
         )
 
 
+def parse_size(text: str, flag: str) -> list[int]:
+    """``H,W`` (or one size for both) as two positive ints."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise UnetsegError(f"{flag} {text!r}: expected H,W or one size for both. Fix: use e.g. 270,360 or 256")
+    return values * 2 if len(values) == 1 else values
+
+
 def run(args: argparse.Namespace) -> SegmentationMetrics:
     """Evaluate as ``args`` say; every process returns the same (reduced) metrics."""
     from accelerate import Accelerator
@@ -140,27 +154,45 @@ def run(args: argparse.Namespace) -> SegmentationMetrics:
     from unetseg.train import has_accelerator
     from unetseg.transforms import EvalTransform, EvalTransformConfig
 
+    for name, low in (("batch_size", 1), ("num_workers", 0), ("allow_missing", 0)):
+        value = getattr(args, name)
+        if value < low:
+            raise UnetsegError(f"--{name.replace('_', '-')} {value}: must be {low} or more. Fix: use e.g. {low + 1}")
+    eval_size = parse_size(args.eval_resize, "--eval-resize") if args.eval_resize else None
     accelerator = Accelerator(cpu=not has_accelerator(), mixed_precision=args.mixed_precision)
     folder = model_folder(args.model)
     model, config, model_info = load_model(folder)
     source = open_source(args.data, args.split, args.dataset_json)
     classes = model_info.classes
     check_classes(classes, source.info.classes, str(folder), args.data)
-    resize = [int(v) for v in args.eval_resize.split(",")] if args.eval_resize else config.get("data", {}).get("eval_resize")
+    if source.num_samples == 0 or not source.urls:
+        raise UnetsegError(f"{source.describe()} has no samples to evaluate. Fix: pick another --split")
+    resize = eval_size if args.eval_resize else config.get("data", {}).get("eval_resize")
     model = model.to(accelerator.device).eval()
     predictor = TTA(model, args.tta)
-    stats = StreamStats()
+    # Read the whole split whatever fails (no budget), so that the error lists every bad sample.
+    stats = StreamStats(max_bad_samples=None)
     stream = EvalStream(source, EvalTransform(EvalTransformConfig(resize=resize)), args.batch_size,
-                        rank=accelerator.process_index, world_size=accelerator.num_processes)
+                        rank=accelerator.process_index, world_size=accelerator.num_processes, max_bad_samples=None)
     cm, _ = confusion_matrix(predictor, iterate(make_loader(stream, args.num_workers), stats), classes.num_classes,
-                             classes.ignore_index, classes.names, accelerator.device, accelerator.autocast)
+                             classes.ignore_label, classes.names, accelerator.device, accelerator.autocast)
     result = cm.reduce().compute()
     bad = stats.reduce()
+    expected = source.num_samples
+    missing = expected - result.num_samples if expected is not None else bad
+    if missing > args.allow_missing:
+        lines = "\n  ".join(stats.problems() or ["(the shards hold fewer samples than dataset.json lists)"])
+        raise UnetsegError(
+            f"{args.data}: {missing} of the {expected if expected is not None else '?'} samples of split {args.split!r} "
+            f"could not be scored, more than --allow-missing {args.allow_missing}; no report written:\n  {lines}\n"
+            "Fix: run `unetseg shards verify` on the shard folder and re-pack the shards named above, "
+            f"or pass --allow-missing {missing} to score the rest"
+        )
     if accelerator.is_main_process:
         report = {
             "model": str(folder), "data": str(args.data), "split": args.split, "tta": args.tta,
             "eval_resize": resize, "num_processes": accelerator.num_processes, "bad_samples": bad,
-            "split_samples": source.num_samples, **result.to_dict(),
+            "split_samples": expected, "missing_samples": missing, "unreadable": stats.problems(), **result.to_dict(),
         }
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,9 +201,13 @@ def run(args: argparse.Namespace) -> SegmentationMetrics:
         tmp.replace(out)
         plots = write_plots(result, out)
         print(result, flush=True)
-        if source.num_samples is not None and result.num_samples != source.num_samples:
-            print(f"warning: {result.num_samples} samples scored, the split has {source.num_samples} "
-                  f"({bad} could not be read)", file=sys.stderr, flush=True)
+        if missing:
+            print(f"warning: {result.num_samples} samples scored, the split has "
+                  f"{expected if expected is not None else 'an unknown number'} ({bad} could not be read: "
+                  f"{'; '.join(stats.problems()[:3])})", file=sys.stderr, flush=True)
+        elif expected is None:
+            print(f"warning: the split's size is unknown (its shards are not listed in dataset.json): "
+                  f"{result.num_samples} samples scored", file=sys.stderr, flush=True)
         print(f"mIoU {100 * result.miou:.2f} over {result.num_samples} samples; wrote {out}, "
               + ", ".join(str(p) for p in plots), flush=True)
     accelerator.end_training()
@@ -233,6 +269,10 @@ def main(argv: list[str] | None = None) -> None:
     except UnetsegError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    finally:
+        from unetseg.distributed import end_process_group
+
+        end_process_group()
 
 
 if __name__ == "__main__":

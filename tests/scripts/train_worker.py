@@ -1,35 +1,39 @@
 """Run `unetseg.train` on this rank and record what the test needs to see from outside:
-the keys of every training batch this rank drew, and checksums of its final parameters
-and buffers (BatchNorm statistics, which DDP re-broadcasts from rank 0 at each forward).
+the keys of every training batch this rank drew, checksums of its final parameters and
+buffers (BatchNorm statistics, which DDP re-broadcasts from rank 0 at each forward), and,
+at the first forward pass, checksums of the parameters and of the random number
+generator's state (the initial weights must agree across ranks, the dropout RNG not).
 
-Usage (under accelerate launch or torchrun): train_worker.py OUT_DIR TRAIN_ARGS...
+Usage (under accelerate launch or torchrun, or plain python): train_worker.py OUT_DIR TRAIN_ARGS...
+
+Test hooks, from the environment:
+- ``STALE_CHECKPOINT_VIEW_RANK=R``: on rank R, the run dir's latest checkpoint looks like
+  the oldest one (a shared file system whose listing lags behind).
+- ``SIGTERM_IN_EVAL=N``: this process sends itself SIGTERM once its N-th evaluation has
+  scored its first batch (a stop that arrives during an evaluation).
 """
 
 import hashlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 import accelerate
+import torch
 
+import unetseg.checkpoint as checkpoint
+import unetseg.evaluate as evaluate
 import unetseg.stream as stream
 from unetseg.train import main
 
 out, args = Path(sys.argv[1]), sys.argv[2:]
-(out / f"pid{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))  # for tests that signal one rank
+rank = os.environ.get("RANK", "0")
+(out / f"pid{rank}").write_text(str(os.getpid()))  # for tests that signal one rank
 keys: list[list[str]] = []
+first_forward: dict[str, str] = {}
 original_batches = stream.TrainStream._batches
-
-
-def recording_batches(self, *a, **kw):
-    for batch in original_batches(self, *a, **kw):
-        keys.append(batch.get("keys"))
-        yield batch
-
-
-stream.TrainStream._batches = recording_batches
-original_end = accelerate.Accelerator.end_training
 
 
 def digest(tensors) -> str:
@@ -40,12 +44,66 @@ def digest(tensors) -> str:
     return h.hexdigest()
 
 
+def recording_batches(self, *a, **kw):
+    for batch in original_batches(self, *a, **kw):
+        keys.append(batch.get("keys"))
+        yield batch
+
+
+stream.TrainStream._batches = recording_batches
+original_prepare = accelerate.Accelerator.prepare
+
+
+def prepare(self, *objects, **kw):
+    prepared = original_prepare(self, *objects, **kw)
+    model = self.unwrap_model(self._models[0])
+
+    def record(module, inputs):
+        if not first_forward and module.training:
+            first_forward["params"] = digest(module.named_parameters())
+            first_forward["rng"] = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+
+    model.register_forward_pre_hook(record)
+    return prepared
+
+
+accelerate.Accelerator.prepare = prepare
+original_end = accelerate.Accelerator.end_training
+
+
 def end_training(self):
     model = self.unwrap_model(self._models[0])
-    record = {"keys": keys, "params": digest(model.named_parameters()), "buffers": digest(model.named_buffers())}
+    record = {"keys": keys, "params": digest(model.named_parameters()), "buffers": digest(model.named_buffers()),
+              "first_forward": first_forward}
     (out / f"rank{self.process_index}.json").write_text(json.dumps(record))
     original_end(self)
 
 
 accelerate.Accelerator.end_training = end_training
+
+if os.environ.get("STALE_CHECKPOINT_VIEW_RANK") == rank:
+    def oldest_checkpoint(run_dir):
+        found = checkpoint.list_checkpoints(run_dir)
+        return found[0][1] if found else None
+
+    checkpoint.latest_checkpoint = oldest_checkpoint
+
+if "SIGTERM_IN_EVAL" in os.environ:
+    nth = int(os.environ["SIGTERM_IN_EVAL"])
+    original_cm = evaluate.confusion_matrix
+    evaluations = [0]
+
+    def confusion_matrix(model, batches, *a, **kw):
+        evaluations[0] += 1
+
+        def signalling(count=evaluations[0]):
+            for i, batch in enumerate(batches):
+                yield batch
+                if i == 0 and count == nth:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        return original_cm(model, signalling(), *a, **kw)
+
+    evaluate.confusion_matrix = confusion_matrix
+
 main(args)
