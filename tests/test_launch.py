@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SCRIPT_ENV as ENV
-from multiproc import free_port
+from multiproc import _descendants, free_port
 from unetseg.synth import synth
 
 STUBS = REPO / "tests" / "stubs" / "slurm"
@@ -86,6 +87,14 @@ def test_slurm_stop_before_the_time_limit_reaches_every_rank(tmp_path, data):
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
+        # The ranks live in sessions of their own: end whatever of the step is left (when
+        # the batch shell died without passing the stop on, all of it).
+        step = tmp_path / "step.pid"
+        if step.is_file():
+            pid = int(step.read_text())
+            for child in [pid, *(p for p, _ in _descendants(pid))]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
     output = log.read_text()
     assert job.returncode == 0, output[-4000:]
     assert "unetseg: stopped" in output and "stopped by SIGTERM at step" in output
