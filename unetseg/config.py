@@ -176,10 +176,7 @@ class DataConfig(_Model):
     _size_items = field_validator("crop_size", "resize", "eval_resize", mode="before")(_size)
     _size_check = field_validator("crop_size", "resize", "eval_resize")(_check_size)
 
-    @field_validator("scale_range", mode="before")
-    @classmethod
-    def _scale_items(cls, value: Any) -> Any:
-        return _items(value)
+    _scale_items = field_validator("scale_range", mode="before")(_items)
 
     @field_validator("scale_range")
     @classmethod
@@ -230,10 +227,7 @@ class OptimConfig(_Model):
     grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated per optimiser step."""
 
-    @field_validator("betas", mode="before")
-    @classmethod
-    def _betas_items(cls, value: Any) -> Any:
-        return _items(value)
+    _betas_items = field_validator("betas", mode="before")(_items)
 
     @field_validator("betas")
     @classmethod
