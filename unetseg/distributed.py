@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_sum", "end_process_group", "get_rank", "get_world_size", "is_dist"]
+__all__ = ["all_gather_objects", "all_reduce_sum", "end_process_group", "get_rank", "get_world_size", "is_dist"]
 
 
 def is_dist() -> bool:
@@ -65,6 +65,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every process's ``obj`` (picklable), in rank order; ``[obj]`` without a process group."""
+    if not is_dist():
+        return [obj]
+    gathered: list[object] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def end_process_group() -> None:

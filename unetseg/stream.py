@@ -145,8 +145,8 @@ def open_source(data: str | os.PathLike, split: str, dataset_json: str | os.Path
         if urls[0].startswith("pipe:") and dataset_json is None:
             raise UnetsegError(f"{text}: a pipe: pattern has no folder to find dataset.json in. Fix: pass --dataset-json")
         folders = {u.rsplit("/", 1)[0] if "/" in u else "." for u in urls}
-        folder = folders.pop() if len(folders) == 1 and not urls[0].startswith("pipe:") else None
-        location = dataset_json or _join(folder or (urls[0].rsplit("/", 1)[0] if "/" in urls[0] else "."), DATASET_JSON)
+        folder = next(iter(folders)) if len(folders) == 1 and not urls[0].startswith("pipe:") else None
+        location = dataset_json or _join(urls[0].rsplit("/", 1)[0] if "/" in urls[0] else ".", DATASET_JSON)
         info = load_dataset_json(location)
         info.split(split, source=str(location))
         owner = {name: name_split for name_split, s in info.splits.items() for name in s.shards}
@@ -159,7 +159,7 @@ def open_source(data: str | os.PathLike, split: str, dataset_json: str | os.Path
                 f"split than {split!r}. Fix: give a pattern of the {split!r} shards only, or the shard folder itself"
                 + (" (the other splits' shards are then found through dataset.json)" if split != "val" else "")
             )
-        if found and len(found) == 1 and not all(n in owner for n in names):
+        if found and not all(n in owner for n in names):
             missing = [n for n in names if n not in owner]
             raise UnetsegError(f"{text}: {location} does not list {missing[:3]}. Fix: check the pattern's shard numbers")
         s = info.splits[split]
@@ -172,14 +172,14 @@ def open_source(data: str | os.PathLike, split: str, dataset_json: str | os.Path
                   folder=text)
 
 
-def sibling_split(source: Source, split: str, what: str = "--val-data") -> Source:
+def sibling_split(source: Source, split: str) -> Source:
     """The shards of another ``split`` of the dataset ``source`` comes from: the names
     dataset.json lists for it, in ``source``'s folder. For a ``pipe:`` pattern or shards
-    from several folders there is no such folder: an error says to pass ``what``."""
+    from several folders there is no such folder: an error says to pass --val-data."""
     if source.folder is None:
         raise UnetsegError(
             f"{' :: '.join(source.urls[:2])}: cannot tell where the {split!r} shards are (the shards do not come from "
-            f"one folder or URL). Fix: pass {what} with the {split!r} shards (a folder or pattern)"
+            f"one folder or URL). Fix: pass --val-data with the {split!r} shards (a folder or pattern)"
         )
     s = source.info.split(split, source=_join(source.folder, DATASET_JSON))
     return Source(urls=[_join(source.folder, n) for n in s.shards], counts=list(s.shard_num_samples), info=source.info,
@@ -532,16 +532,11 @@ class StreamStats:
     def reduce(self) -> int:
         """Merge every rank's bad samples (a collective: every rank must call it) and
         return how many samples were lost over all ranks, each counted once."""
-        from unetseg.distributed import is_dist
+        from unetseg.distributed import all_gather_objects
 
-        if is_dist():
-            import torch.distributed as dist
-
-            gathered: list[dict[str, tuple[int, str]] | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self.found)
-            for found in gathered:
-                for ident, entry in (found or {}).items():
-                    self.found.setdefault(ident, tuple(entry))
+        for found in all_gather_objects(self.found):
+            for ident, entry in found.items():
+                self.found.setdefault(ident, tuple(entry))
         if self.max_bad_samples is not None and self.bad_samples > self.max_bad_samples:
             self.fail()
         return self.bad_samples

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from unetseg.checkpoint import STATE_FILE
+from unetseg.checkpoint import STATE_FILE, WEIGHTS_FILE
 from unetseg.config import TrainConfig, build_config, flags
 from unetseg.errors import UnetsegError
 
@@ -361,7 +361,7 @@ def train(config: TrainConfig, batches: Iterator[dict[str, Any]] | None = None) 
     from unetseg.distributed import all_reduce_sum
     from unetseg.losses import SegmentationLoss, class_weights
     from unetseg.model import UNet, UNetConfig
-    from unetseg.optim import build_optimizer, build_scheduler, lr_at
+    from unetseg.optim import build_optimizer, build_scheduler
     from unetseg.stream import EvalStream, StreamStats, TrainStream, batches_per_epoch, derive_seed, iterate, make_loader
     from unetseg.tracking import flat_config, log_predictions, tracker_setup
     from unetseg.transforms import EvalTransform, EvalTransformConfig, TrainTransform, TrainTransformConfig
@@ -431,7 +431,8 @@ def train(config: TrainConfig, batches: Iterator[dict[str, Any]] | None = None) 
     saved_config = {**config.to_dict(), "unet": unet_config.to_dict()}
     metrics_path = run_dir / "metrics.jsonl"
     finished = resume_from is not None and ts.step >= total_steps and not ts.pending_eval
-    if resume_from and not (finished and (run_dir / "final").is_dir()):
+    has_final = (run_dir / "final" / WEIGHTS_FILE).is_file()
+    if resume_from and not (finished and has_final):
         check_setup(ts.setup, setup, resume_from)
         load_checkpoint(accelerator, resume_from)
         scheduler.load_state_dict(ts.scheduler)
@@ -474,8 +475,8 @@ def train(config: TrainConfig, batches: Iterator[dict[str, Any]] | None = None) 
             ts.best_miou, ts.best_step = metrics["mIoU"], ts.step
         if main:
             epoch = max(0, ts.step - 1) // steps_per_epoch
-            lr = lr_at(max(0, ts.step - 1), oc.lr, oc.scheduler, total_steps=total_steps, warmup_steps=oc.warmup_steps,
-                       power=oc.power, min_lr_ratio=oc.min_lr_ratio)  # the lr of the step just taken
+            # The lr of the step just taken (the schedule is a function of the step number).
+            lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](max(0, ts.step - 1))
             append_jsonl(metrics_path, {"step": ts.step, "epoch": epoch, "lr": lr, **metrics,
                                         "val_bad_samples": bad, "bad_samples": train_bad, "best_mIoU": ts.best_miou})
             accelerator.log(_tracker_metrics(metrics, train_bad), step=ts.step)
@@ -597,7 +598,7 @@ def finished_run(run_dir: Path, net, saved_config: dict[str, Any], info, ts: Tra
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "mIoU" in r]
     last = evals[-1] if evals else {}
     if main:
-        if not (run_dir / "final" / "model.safetensors").is_file():
+        if not (run_dir / "final" / WEIGHTS_FILE).is_file():
             save_model(run_dir / "final", net, saved_config, info)
         print(f"{run_dir} already finished at step {ts.step}: final val mIoU {_pct(last.get('mIoU'))} "
               f"(best {_pct(ts.best_miou)} at step {ts.best_step}); models in {run_dir / 'best'} and "
