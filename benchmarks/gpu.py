@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from unetseg.model import UNet, UNetConfig  # noqa: E402
+from unetseg.models.unet import UNet, UNetConfig  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -80,7 +80,9 @@ def step_rate(device: torch.device, *, width: int, depth: int, classes: int, bat
 def loader_rate(data: str, size: tuple[int, int], batch: int, workers: int, num: int, warmup: int) -> float:
     from loader import rate  # benchmarks/loader.py, beside this file
 
-    from unetseg.stream import StreamStats, TrainStream, batches_per_epoch, iterate, make_loader, open_source
+    from unetseg.badsamples import StreamStats
+    from unetseg.sources import open_source
+    from unetseg.stream import TrainStream, batches_per_epoch, iterate, make_loader
     from unetseg.transforms import TrainTransform, TrainTransformConfig
 
     source = open_source(data, "train")

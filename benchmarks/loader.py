@@ -30,8 +30,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
+from unetseg.badsamples import StreamStats
 from unetseg.shards import iter_shard
-from unetseg.stream import StreamStats, TrainStream, batches_per_epoch, collate, decode_pair, iterate, make_loader, open_source
+from unetseg.sources import open_source
+from unetseg.stream import TrainStream, batches_per_epoch, collate, decode_pair, iterate, make_loader
 from unetseg.transforms import TrainTransform, TrainTransformConfig
 
 

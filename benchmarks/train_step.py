@@ -30,7 +30,7 @@ def batches(n: int, batch_size: int, size: int, classes: int, seed: int = 0) -> 
 
 
 def plain(data, steps: int, warmup: int, width: int, depth: int, classes: int, lr: float) -> float:
-    from unetseg.model import UNet, UNetConfig
+    from unetseg.models.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
     model = UNet(UNetConfig(num_classes=classes, width=width, depth=depth))
@@ -49,7 +49,7 @@ def plain(data, steps: int, warmup: int, width: int, depth: int, classes: int, l
 
 
 def unetseg_loop(data, steps: int, warmup: int, width: int, depth: int, lr: float, folder: Path) -> float:
-    from unetseg.config import build_config
+    from unetseg.flags import build_config
     from unetseg.synth import synth
     from unetseg.train import train
 

@@ -154,3 +154,44 @@ def run_main(command: str, argv: list, capsys) -> tuple[int, str, str]:
             signal.signal(s, handler)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+# --- streams of tiny synthetic shard folders (test_stream.py, test_sources.py) --------------
+
+
+def make(tmp_path: Path, name: str, train=13, val=13, size="24x24", **kw) -> Path:
+    """A synthetic shard folder ``tmp_path/name``."""
+    from unetseg.synth import synth
+
+    synth(tmp_path / name, train=train, val=val, size=size, workers=1, progress=False, **kw)
+    return tmp_path / name
+
+
+def all_keys(folder: Path, split: str) -> list[str]:
+    """The keys of a split, read straight from its shards."""
+    from unetseg.dataset import DatasetInfo
+    from unetseg.shards import iter_shard
+
+    info = DatasetInfo.load(folder)
+    return [s["__key__"] for n in info.splits[split].shards for s in iter_shard(folder / n)]
+
+
+def eval_keys(source, workers=0, rank=0, world=1, resize=None) -> list[str]:
+    """The keys an evaluation stream hands this rank, in order."""
+    from unetseg.badsamples import StreamStats
+    from unetseg.stream import EvalStream, iterate, make_loader
+    from unetseg.transforms import EvalTransform, EvalTransformConfig
+
+    stream = EvalStream(source, EvalTransform(EvalTransformConfig(resize=resize)), 3, rank=rank, world_size=world)
+    return [k for b in iterate(make_loader(stream, workers), StreamStats()) for k in b["keys"]]
+
+
+def train_stream(source, workers=0, start=0, seed=0, per_epoch=5, crop=16, stats=None, **kw):
+    """Batches of a training stream of ``source`` with small crops and a small buffer."""
+    from unetseg.badsamples import StreamStats
+    from unetseg.stream import TrainStream, iterate, make_loader
+    from unetseg.transforms import TrainTransform, TrainTransformConfig
+
+    t = TrainTransform(TrainTransformConfig(crop_size=crop, jitter=0.3), source.info.classes.ignore_label)
+    stream = TrainStream(source, t, 3, batches_per_epoch=per_epoch, seed=seed, start_batch=start, shuffle_buffer=8, **kw)
+    return iterate(make_loader(stream, workers), stats or StreamStats(kw.get("max_bad_samples", 10)))

@@ -55,7 +55,7 @@ def test_a_checkpoint_is_fsynced_before_and_after_its_rename(tmp_path, monkeypat
 
 def test_a_saved_model_and_run_files_are_fsynced(tmp_path, monkeypatch):
     from unetseg.dataset import ClassInfo, DatasetInfo
-    from unetseg.model import UNet, UNetConfig
+    from unetseg.models.unet import UNet, UNetConfig
 
     info = DatasetInfo(classes=ClassInfo(names=["a", "b"], palette=[[0, 0, 0], [1, 1, 1]]), splits={})
     net = UNet(UNetConfig(num_classes=2, width=4, depth=1))

@@ -17,7 +17,7 @@ from conftest import make_folders, write_classes
 from multiproc import run_distributed
 from unetseg.checkpoint import load_model
 from unetseg.dataset import DatasetInfo
-from unetseg.evaluate import TTA
+from unetseg.scoring import TTA
 from unetseg.imageio import decode_image, decode_mask
 from unetseg.pack import pack
 from unetseg.shards import iter_shard

@@ -15,7 +15,7 @@ from unetseg.config import TrainConfig
 from unetseg.dataset import DatasetInfo, SplitInfo
 from unetseg.errors import UnetsegError
 from unetseg.export import RTOL, export, main_export
-from unetseg.model import UNet, UNetConfig
+from unetseg.models.unet import UNet, UNetConfig
 from unetseg.synth import CLASS_NAMES, synth_classes
 
 # Sizes besides the exported one (24x40, the most common in dataset.json below): other
@@ -83,7 +83,7 @@ def test_onnx_matches_eager(tmp_path, model_dir, capsys):
     assert (inp.name, inp.shape) == ("image", ["batch", 3, "height", "width"])
     assert (outp.name, outp.shape) == ("logits", ["batch", 10, "height", "width"])
     meta = json.loads(session.get_modelmeta().custom_metadata_map["unetseg"])
-    assert meta["classes"]["palette"][1] == [230, 25, 75] and meta["unet"]["depth"] == 2
+    assert meta["classes"]["palette"][1] == [230, 25, 75] and meta["model"]["depth"] == 2 and meta["model"]["name"] == "unet"
 
     compare(model_dir, lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0]))
 

@@ -1,16 +1,22 @@
-"""Segmentation losses and class weights."""
+"""Segmentation losses and the loss registry (class weights: test_class_weights.py)."""
 
 from __future__ import annotations
-
-import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from unetseg.errors import UnetsegError
-from unetseg.losses import SegmentationLoss, class_weights, dice_loss
+from unetseg import losses
+from unetseg.losses import (
+    LossSpec,
+    SegmentationLoss,
+    dice_loss,
+    format_loss,
+    loss_names,
+    parse_loss,
+    register_loss,
+)
 
 IGNORE = 255
 
@@ -175,79 +181,6 @@ def test_class_weight_count_must_match_model():
         SegmentationLoss("ce", ignore_index=IGNORE, class_weights=[1.0, 1.0, 1.0])(logits, target)
 
 
-# --------------------------------------------------------------------------- class weights
-
-
-def test_class_weights_none():
-    assert class_weights("none", [1, 2, 3]) is None
-
-
-def test_median_frequency_odd_number_of_classes():
-    # counts 10, 30, 60 of 100 -> freq 0.1, 0.3, 0.6, median 0.3 -> 0.3/0.1, 0.3/0.3, 0.3/0.6
-    w = class_weights("median_frequency", [10, 30, 60])
-    assert w.dtype == torch.float32
-    assert w.tolist() == pytest.approx([3.0, 1.0, 0.5])
-
-
-def test_median_frequency_even_number_of_classes():
-    # freq 0.1, 0.2, 0.3, 0.4; median = (0.2 + 0.3) / 2 = 0.25 -> 2.5, 1.25, 0.8333, 0.625
-    w = class_weights("median_frequency", [10, 20, 30, 40])
-    assert w.tolist() == pytest.approx([2.5, 1.25, 0.25 / 0.3, 0.625])
-
-
-def test_inverse_log():
-    # p = 0.25, 0.75 -> 1/ln(1.27) = 4.18380, 1/ln(1.77) = 1.75138
-    w = class_weights("inverse_log", [25, 75])
-    assert w.tolist() == pytest.approx([4.1838045679, 1.7513762200])
-    assert w.tolist() == pytest.approx([1 / math.log(1.02 + 0.25), 1 / math.log(1.02 + 0.75)])
-
-
-@pytest.mark.parametrize("kind", ["median_frequency", "inverse_log"])
-def test_zero_count_class_gets_weight_zero_with_a_warning(kind):
-    with pytest.warns(UserWarning, match=r"classes \[1\] have no labelled pixels"):
-        w = class_weights(kind, [10, 0, 30, 60])
-    assert w[1].item() == 0.0
-    # the other weights are those of the classes that have pixels (median over 10, 30, 60)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        expected = class_weights(kind, [10, 30, 60])
-    assert w[[0, 2, 3]].tolist() == pytest.approx(expected.tolist())
-
-
-def test_ignored_classes_get_weight_zero():
-    w = class_weights("median_frequency", [10, 30, 60, 1000], ignore=3)
-    assert w.tolist() == pytest.approx([3.0, 1.0, 0.5, 0.0])
-    # an ignore_index that is no class id (255) changes nothing
-    assert class_weights("median_frequency", [10, 30, 60], ignore=IGNORE).tolist() == pytest.approx([3.0, 1.0, 0.5])
-
-
-def test_class_weights_with_no_pixels_is_an_error():
-    with pytest.raises(UnetsegError, match="no labelled pixel"):
-        class_weights("inverse_log", [0, 0])
-
-
-def test_explicit_weights():
-    w = class_weights([1, 0.5, 2.0], [10, 20, 30])
-    assert w.dtype == torch.float32 and w.tolist() == [1.0, 0.5, 2.0]
-
-
-@pytest.mark.parametrize(
-    "kind, needle",
-    [
-        ([1.0, 2.0], "2 weights [1.0, 2.0] for 3 classes"),
-        ([1.0, -2.0, 1.0], "[-2.0]"),
-        ([1.0, float("nan"), 1.0], "[nan]"),
-        ([0.0, 0.0, 0.0], "every weight"),
-        (["a", "b", "c"], "neither a kind nor a list of numbers"),
-        ("median", "unknown kind 'median'"),
-    ],
-)
-def test_class_weights_validation(kind, needle):
-    with pytest.raises(UnetsegError, match="Fix:") as info:
-        class_weights(kind, [10, 20, 30])
-    assert needle in str(info.value)
-
-
 @pytest.mark.parametrize("kind", ["ce", "dice", "ce+dice"])
 def test_padding_is_ignored_when_the_dataset_has_no_ignore_index(kind):
     """Crops and batches pad masks with ClassInfo.ignore_label (255 when the dataset has no
@@ -267,3 +200,170 @@ def test_padding_is_ignored_when_the_dataset_has_no_ignore_index(kind):
     assert torch.allclose(got, expected, atol=1e-6)
     got.backward()
     assert torch.count_nonzero(logits.grad[:, :, 4:, :]) == 0  # padded pixels get no gradient
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@pytest.fixture
+def registry():
+    """The loss registry, restored afterwards so a test's losses do not leak into others."""
+    saved = dict(losses._LOSSES)
+    yield losses._LOSSES
+    losses._LOSSES.clear()
+    losses._LOSSES.update(saved)
+
+
+def toy_l1(logits, target, ignore_index):
+    """Mean L1 distance between softmax and one-hot over valid pixels, as a hand reference."""
+    valid = target != ignore_index
+    one_hot = F.one_hot(torch.where(valid, target, 0), logits.shape[1]).movedim(-1, 1).float()
+    diff = (logits.float().softmax(1) - one_hot).abs().sum(1)
+    return (diff * valid).sum() / valid.sum().clamp_min(1)
+
+
+@pytest.fixture
+def toy(registry):
+    seen = []
+
+    @register_loss("toy")
+    def make_toy(spec: LossSpec):
+        seen.append(spec)
+        return lambda logits, target: toy_l1(logits, target, spec.ignore_index)
+
+    return seen
+
+
+def test_builtin_losses_are_registered():
+    assert loss_names() == ("ce", "dice")
+
+
+def test_registered_loss_is_usable_in_a_sum(toy):
+    assert "toy" in loss_names()
+    logits, target = random_batch(seed=6)
+    logits.requires_grad_(True)
+    loss_fn = SegmentationLoss("ce+0.3*toy", ignore_index=IGNORE, label_smoothing=0.1)
+    loss = loss_fn(logits, target)
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE, label_smoothing=0.1)
+    expected = ce + 0.3 * toy_l1(logits, target, IGNORE)
+    assert toy_l1(logits, target, IGNORE).item() > 0
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    # the factory got the settings it may need
+    (spec,) = toy
+    assert spec.ignore_index == IGNORE and spec.label_smoothing == 0.1
+    assert "ce+0.3*toy" in repr(loss_fn)
+
+
+def test_registered_loss_is_float32_under_autocast(toy):
+    logits, target = random_batch(seed=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = SegmentationLoss("toy", ignore_index=IGNORE)(logits.bfloat16(), target)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, toy_l1(logits.bfloat16().float(), target, IGNORE))
+
+
+def test_registry_fixture_unregisters(registry):
+    register_loss("temporary")(lambda spec: None)
+    assert "temporary" in loss_names()
+
+
+def test_registry_is_restored_after_a_test():
+    # runs after the tests above: their toy losses are gone
+    assert "toy" not in loss_names() and "temporary" not in loss_names()
+    with pytest.raises(UnetsegError, match="unknown loss 'toy'"):
+        SegmentationLoss("ce+toy")
+
+
+def test_register_loss_rejects_bad_and_taken_names(registry):
+    with pytest.raises(ValueError, match="already registered"):
+        register_loss("ce")(lambda spec: None)
+    for name in ["", "a+b", "0.5", "two words", "a*b"]:
+        with pytest.raises(ValueError, match="must be letters"):
+            register_loss(name)
+    assert loss_names() == ("ce", "dice")
+
+
+def test_term_must_return_a_scalar_float32(registry):
+    register_loss("per_pixel")(lambda spec: lambda logits, target: logits.sum(1))
+    logits, target = random_batch()
+    with pytest.raises(TypeError, match="'per_pixel' returned torch.float32 \\(2, 8, 8\\)"):
+        SegmentationLoss("per_pixel")(logits, target)
+
+
+def test_module_terms_follow_to(registry):
+    loss_fn = SegmentationLoss("ce", ignore_index=IGNORE, class_weights=[1.0, 2.0, 0.5, 1.0, 1.5])
+    loss_fn = loss_fn.to(torch.float64)  # stands in for .to(device): buffers of term modules move too
+    (term,) = loss_fn.term_modules
+    assert term.class_weights.dtype == torch.float64
+    assert loss_fn.state_dict() == {}  # weights come from the config, not from checkpoints
+
+
+# --------------------------------------------------------------------------- parse_loss
+
+
+@pytest.mark.parametrize(
+    "text, terms",
+    [
+        ("ce", [(1.0, "ce")]),
+        ("dice", [(1.0, "dice")]),
+        ("ce+dice", [(1.0, "ce"), (1.0, "dice")]),
+        ("ce+0.5*dice", [(1.0, "ce"), (0.5, "dice")]),
+        (" 2 * ce + 1e-1*dice ", [(2.0, "ce"), (0.1, "dice")]),
+        ("0*ce+dice", [(0.0, "ce"), (1.0, "dice")]),
+    ],
+)
+def test_parse_loss(text, terms):
+    assert parse_loss(text) == terms
+    assert parse_loss(format_loss(terms)) == terms
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("focal", "unknown loss 'focal'"),
+        ("ce+Dice", "unknown loss 'Dice'"),
+        ("ce+", "empty term"),
+        ("ce++dice", "empty term"),
+        ("", "is empty"),
+        ("-0.5*dice", "weight -0.5 of 'dice'"),
+        ("ce+nan*dice", "weight nan of 'dice'"),
+        ("inf*ce", "weight inf of 'ce'"),
+        ("half*dice", "weight 'half' of 'dice' is not a number"),
+        ("ce+0.5*", "term '0.5*' has no loss name"),
+        ("ce+dice+ce", "'ce' appears twice"),
+        ("0*ce+0*dice", "every term has weight 0"),
+    ],
+)
+def test_parse_loss_rejects_bad_text(text, needle):
+    with pytest.raises(UnetsegError) as info:
+        parse_loss(text)
+    message = str(info.value)
+    assert needle in message
+    assert repr(text) in message  # names the value
+    assert "registered losses: ce, dice" in message
+    assert "Fix: use e.g. ce, dice or ce+0.5*dice" in message
+
+
+def test_parse_loss_rejects_non_text():
+    with pytest.raises(UnetsegError, match="loss None: is not text"):
+        parse_loss(None)
+
+
+def test_dice_weight_applies_only_to_an_unweighted_dice_among_several_terms():
+    assert parse_loss("ce+dice", dice_weight=0.4) == [(1.0, "ce"), (0.4, "dice")]
+    assert parse_loss("ce+0.5*dice", dice_weight=0.4) == [(1.0, "ce"), (0.5, "dice")]  # explicit wins
+    assert parse_loss("dice", dice_weight=0.4) == [(1.0, "dice")]  # a lone term is not rescaled, as before
+    with pytest.raises(UnetsegError, match="dice_weight -1"):
+        parse_loss("ce+dice", dice_weight=-1)
+
+
+def test_ce_plus_dice_with_dice_weight_equals_explicit_weight():
+    logits, target = random_batch(seed=8)
+    weights = [1.0, 2.0, 0.5, 1.0, 1.5]
+    old = SegmentationLoss("ce+dice", ignore_index=IGNORE, class_weights=weights, dice_weight=0.4)(logits, target)
+    new = SegmentationLoss("ce+0.4*dice", ignore_index=IGNORE, class_weights=weights)(logits, target)
+    assert torch.equal(old, new)
+    lone = SegmentationLoss("dice", ignore_index=IGNORE, dice_weight=0.4)(logits, target)
+    assert torch.equal(lone, dice_loss(logits, target, IGNORE))

@@ -1,28 +1,25 @@
-"""The streaming pipeline: exact-once evaluation, the training stream, bad data, http."""
+"""The streaming pipeline: exact-once evaluation, the training stream, bad data, the workers' signals."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, corrupt
-from multiproc import free_port, run_distributed
+from conftest import REPO, all_keys, corrupt, eval_keys, make, train_stream
+from multiproc import run_distributed
+from unetseg.badsamples import StreamStats
 from unetseg.dataset import DatasetInfo
 from unetseg.errors import UnetsegError
 from unetseg.shards import iter_shard, shard_name
-from unetseg.stream import (
-    EvalStream, StreamStats, TrainStream, iterate, make_loader, open_source, reader_range,
-)
-from unetseg.synth import synth
+from unetseg.sources import open_source
+from unetseg.stream import EvalStream, TrainStream, iterate, make_loader, reader_range
 from unetseg.transforms import EvalTransform, EvalTransformConfig, TrainTransform, TrainTransformConfig
 
 
@@ -44,27 +41,6 @@ def reshard(folder: Path, split: str, sizes: list[int]) -> None:
                 tar.write({k: v for k, v in s.items() if k != "__url__"})
     info.splits[split].shards, info.splits[split].shard_num_samples = names, sizes
     (folder / "dataset.json").write_text(info.to_json())
-
-
-def make(tmp_path: Path, name: str, train=13, val=13, size="24x24", **kw) -> Path:
-    synth(tmp_path / name, train=train, val=val, size=size, workers=1, progress=False, **kw)
-    return tmp_path / name
-
-
-def all_keys(folder: Path, split: str) -> list[str]:
-    info = DatasetInfo.load(folder)
-    return [s["__key__"] for n in info.splits[split].shards for s in iter_shard(folder / n)]
-
-
-def eval_keys(source, workers=0, rank=0, world=1, resize=None) -> list[str]:
-    stream = EvalStream(source, EvalTransform(EvalTransformConfig(resize=resize)), 3, rank=rank, world_size=world)
-    return [k for b in iterate(make_loader(stream, workers), StreamStats()) for k in b["keys"]]
-
-
-def train_stream(source, workers=0, start=0, seed=0, per_epoch=5, crop=16, stats=None, **kw):
-    t = TrainTransform(TrainTransformConfig(crop_size=crop, jitter=0.3), source.info.classes.ignore_label)
-    stream = TrainStream(source, t, 3, batches_per_epoch=per_epoch, seed=seed, start_batch=start, shuffle_buffer=8, **kw)
-    return iterate(make_loader(stream, workers), stats or StreamStats(kw.get("max_bad_samples", 10)))
 
 
 @pytest.mark.multiprocess
@@ -210,53 +186,6 @@ def test_eval_stream_refuses_a_train_transform(tmp_path):
         TrainStream(source, EvalTransform(EvalTransformConfig()), 2, batches_per_epoch=1)
 
 
-def test_missing_split_and_folder_errors(tmp_path):
-    folder = make(tmp_path, "s", train=1, val=1)
-    with pytest.raises(UnetsegError, match="no split 'test'"):
-        open_source(folder, "test")
-    with pytest.raises(UnetsegError, match="dataset.json: no such file"):
-        open_source(tmp_path / "nowhere", "val")
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(base, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield base
-    server.terminate()
-    server.wait(timeout=10)
-
-
-def test_shards_stream_over_http(tmp_path, http_server):
-    folder = make(tmp_path, "s", train=8, val=7, shard_size=3)
-    expected = sorted(all_keys(folder, "val"))
-    source = open_source(f"{http_server}/s", "val")
-    assert source.urls[0].startswith("http://127.0.0.1") and source.counts == [3, 3, 1]
-    assert sorted(eval_keys(source, workers=2)) == expected
-    pattern = open_source(f"{http_server}/s/val-{{000000..000002}}.tar", "val")
-    assert sorted(eval_keys(pattern)) == expected
-    local = [next(it)["keys"] for it in [train_stream(open_source(folder, "train"))] for _ in range(4)]
-    remote = [next(it)["keys"] for it in [train_stream(open_source(f"{http_server}/s", "train"))] for _ in range(4)]
-    assert local == remote
-
-
-def test_shards_stream_through_a_pipe_command(tmp_path):
-    folder = make(tmp_path, "s", train=2, val=5, shard_size=2)
-    source = open_source(f"pipe:cat {folder}/val-{{000000..000002}}.tar", "val", dataset_json=folder / "dataset.json")
-    assert source.counts == [2, 2, 1]
-    assert sorted(eval_keys(source, workers=2)) == sorted(all_keys(folder, "val"))
-    with pytest.raises(UnetsegError, match="--dataset-json"):
-        open_source(f"pipe:cat {folder}/val-000000.tar", "val")
-
-
 def test_a_truncated_training_shard_counts_the_samples_it_lost_once(tmp_path):
     folder = make(tmp_path, "s", train=12, val=1, shard_size=4)
     shard = folder / "train-000001.tar"
@@ -279,25 +208,6 @@ def _readable(shard: Path):
         yield from iter_shard(shard)
     except ShardReadError:
         return
-
-
-def test_a_pattern_is_taken_for_the_split_dataset_json_lists_it_under(tmp_path):
-    from unetseg.stream import sibling_split
-
-    folder = make(tmp_path, "s", train=9, val=5, shard_size=3)
-    train = open_source(f"{folder}/train-{{000000..000002}}.tar", "train")
-    assert train.counts == [3, 3, 3] and train.folder == str(folder)
-    val = sibling_split(train, "val")  # the validation shards beside the training pattern
-    assert sorted(eval_keys(val)) == sorted(all_keys(folder, "val"))
-    assert not set(val.urls) & set(train.urls)
-    with pytest.raises(UnetsegError, match=r"train-000000.tar \(train\).*another split than 'val'"):
-        open_source(f"{folder}/train-{{000000..000002}}.tar", "val")
-    with pytest.raises(UnetsegError, match="does not list"):
-        open_source(f"{folder}/train-{{000000..000009}}.tar", "train")
-    piped = open_source(f"pipe:cat {folder}/train-{{000000..000002}}.tar", "train", dataset_json=folder / "dataset.json")
-    assert piped.counts == [3, 3, 3]
-    with pytest.raises(UnetsegError, match="--val-data"):
-        sibling_split(piped, "val")
 
 
 def _idle_worker() -> None:

@@ -112,8 +112,10 @@ def test_two_processes_agree_and_eval_equals_one_process(tmp_path, data):
     for r in logs:  # one schedule step per optimiser step, with two processes too
         assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, 0.005, "poly", total_steps=6))
     # The distributed evaluation equals a one-process evaluation of the saved weights.
-    from unetseg.evaluate import confusion_matrix
-    from unetseg.stream import EvalStream, StreamStats, iterate, make_loader, open_source
+    from unetseg.scoring import confusion_matrix
+    from unetseg.badsamples import StreamStats
+    from unetseg.sources import open_source
+    from unetseg.stream import EvalStream, iterate, make_loader
     from unetseg.transforms import EvalTransform, EvalTransformConfig
 
     model, _, info = load_model(out / "final")
@@ -232,7 +234,7 @@ def test_wandb_offline_without_credentials(tmp_path, data):
 
 def test_save_model_replaces_whole(tmp_path, data):
     from unetseg.dataset import DatasetInfo
-    from unetseg.model import UNet, UNetConfig
+    from unetseg.models.unet import UNet, UNetConfig
 
     info = DatasetInfo.load(data)
     net = UNet(UNetConfig(num_classes=10, width=4, depth=1))

@@ -11,8 +11,10 @@ Only the newest ``keep`` checkpoints stay, older ones are deleted after a newer 
 complete. Checkpoints assume a file system shared by all ranks.
 
 A saved model (``best/``, ``final/``) holds ``model.safetensors``, ``config.yaml`` (the
-training config plus the exact architecture under ``unet``) and ``dataset.json``:
-everything evaluate and predict need, no training state, nothing unpickled on load.
+training config, whose ``model`` section names the registered model and holds its exact
+options, ``num_classes`` included) and ``dataset.json``: everything evaluate, predict and
+export need to rebuild it, no training state, nothing unpickled on load. Models saved
+before the registry recorded a U-Net under ``unet``; they still load.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import yaml
 
 from unetseg.dataset import DATASET_JSON, DatasetInfo
 from unetseg.errors import UnetsegError
-from unetseg.model import UNet, UNetConfig
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -192,12 +193,15 @@ def model_folder(path: str | os.PathLike) -> Path:
     )
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any], DatasetInfo]:
-    """The model saved at ``path`` (see :func:`model_folder`), its config and dataset description."""
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any], DatasetInfo]:
+    """The model saved at ``path`` (see :func:`model_folder`), rebuilt from the registry by
+    the name and options its config.yaml records, its config and dataset description."""
     from safetensors.torch import load_file
+
+    from unetseg.models import build_model, saved_model_options
 
     folder = model_folder(path)
     config = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    model = UNet(UNetConfig.from_dict(config["unet"]))
+    model = build_model(saved_model_options(config))
     model.load_state_dict(load_file(folder / WEIGHTS_FILE, device=str(map_location)))
     return model, config, DatasetInfo.load(folder)

@@ -1,4 +1,5 @@
-"""Evaluation: predictions over the exact-once eval stream into the distributed ConfusionMatrix.
+"""``unetseg evaluate``: score a saved model on a split, over the exact-once eval stream,
+into the distributed ConfusionMatrix.
 
 ``unetseg evaluate MODEL --data SHARDS --split val`` and
 ``accelerate launch -m unetseg.evaluate MODEL ...`` (any number of processes: every
@@ -6,98 +7,21 @@ sample is scored once, and the matrix is summed with one all-reduce, so the resu
 identical) print a per-class table and write ``report.json`` with a row-normalised
 confusion-matrix plot and a per-class IoU bar chart beside it.
 
-Metrics are computed at the original mask resolution: with full-resolution evaluation
-the padded pixels of a batch carry the ignore label; with ``eval_resize`` the logits of
-each sample are resized back to its original mask before the argmax.
+The scoring loop and test-time augmentation are :mod:`unetseg.scoring`'s, shared with
+training's periodic evaluation; the network input is :func:`unetseg.transforms.eval_input`,
+shared with ``unetseg predict``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from unetseg.errors import UnetsegError
-from unetseg.metrics import ConfusionMatrix, SegmentationMetrics
-
-TTA_MODES = ("none", "flip", "multiscale")
-MULTISCALE = (0.75, 1.0, 1.25)
-
-
-class TTA(nn.Module):
-    """Test-time augmentation around a segmentation model: returns class probabilities
-    averaged over the horizontal flip (``flip``), or over the flip at scales 0.75, 1 and
-    1.25 (``multiscale``); ``none`` returns the model's logits unchanged."""
-
-    def __init__(self, model: nn.Module, mode: str = "none"):
-        super().__init__()
-        if mode not in TTA_MODES:
-            raise UnetsegError(f"--tta {mode!r}: unknown. Fix: use one of {', '.join(TTA_MODES)}")
-        self.model, self.mode = model, mode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "none":
-            return self.model(x)
-        size = x.shape[-2:]
-        scales = MULTISCALE if self.mode == "multiscale" else (1.0,)
-        total = None
-        for scale in scales:
-            xs = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-            for flip in (False, True):
-                inp = xs.flip(-1) if flip else xs
-                logits = self.model(inp).float()
-                logits = logits.flip(-1) if flip else logits
-                if scale != 1.0:
-                    logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-                probs = logits.softmax(1)
-                total = probs if total is None else total + probs
-        return total / (2 * len(scales))
-
-
-@torch.no_grad()
-def confusion_matrix(
-    model: torch.nn.Module,
-    batches: Iterable[dict[str, Any]],
-    num_classes: int,
-    ignore_index: int | None,
-    class_names: list[str] | None = None,
-    device: torch.device | str = "cpu",
-    autocast: Callable[[], Any] = contextlib.nullcontext,
-    keep: int = 0,
-) -> tuple[ConfusionMatrix, list[dict[str, torch.Tensor]]]:
-    """This process's (not yet reduced) confusion matrix over ``batches``, and up to
-    ``keep`` examples (normalised image, prediction, target) for pictures."""
-    was_training = model.training
-    model.eval()
-    cm = ConfusionMatrix(num_classes, ignore_index, class_names)
-    examples: list[dict[str, torch.Tensor]] = []
-    for batch in batches:
-        image = batch["image"].to(device, non_blocking=True)
-        with autocast():
-            logits = model(image)
-        pred = logits.argmax(1)
-        target = batch["mask"].to(device, non_blocking=True)
-        if "full_mask" in batch:
-            for i, full_target in enumerate(batch["full_mask"]):
-                full_target = full_target.to(device, non_blocking=True)
-                full = F.interpolate(logits[i : i + 1].float(), size=full_target.shape[-2:], mode="bilinear", align_corners=False)
-                cm.update(full.argmax(1), full_target.unsqueeze(0))
-        else:
-            cm.update(pred, target)  # batch padding carries the ignore label
-        for i in range(min(keep - len(examples), len(pred))):
-            h, w = pred.shape[-2:] if "full_mask" in batch else batch["sizes"][i]
-            examples.append({"image": image[i, :, :h, :w].cpu(), "pred": pred[i, :h, :w].cpu(), "target": target[i, :h, :w].cpu()})
-    model.train(was_training)
-    return cm, examples
-
+from unetseg.metrics import SegmentationMetrics
+from unetseg.scoring import TTA, TTA_MODES, confusion_matrix
 
 # --- the command -------------------------------------------------------------------------
 
@@ -147,36 +71,24 @@ def parse_size(text: str, flag: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> SegmentationMetrics:
     """Evaluate as ``args`` say; every process returns the same (reduced) metrics."""
-    from accelerate import Accelerator
-
     from unetseg.checkpoint import load_model, model_folder
-    from unetseg.stream import EvalStream, StreamStats, iterate, make_loader, open_source
-    from unetseg.train import has_accelerator
-    from unetseg.transforms import EvalTransform, EvalTransformConfig
+    from unetseg.runtime import make_accelerator
+    from unetseg.sources import open_source
 
     for name, low in (("batch_size", 1), ("num_workers", 0), ("allow_missing", 0)):
         value = getattr(args, name)
         if value < low:
             raise UnetsegError(f"--{name.replace('_', '-')} {value}: must be {low} or more. Fix: use e.g. {low + 1}")
     eval_size = parse_size(args.eval_resize, "--eval-resize") if args.eval_resize else None
-    accelerator = Accelerator(cpu=not has_accelerator(), mixed_precision=args.mixed_precision)
+    accelerator = make_accelerator(args.mixed_precision)
     folder = model_folder(args.model)
     model, config, model_info = load_model(folder)
     source = open_source(args.data, args.split, args.dataset_json)
-    classes = model_info.classes
-    check_classes(classes, source.info.classes, str(folder), args.data)
+    check_classes(model_info.classes, source.info.classes, str(folder), args.data)
     if source.num_samples == 0 or not source.urls:
         raise UnetsegError(f"{source.describe()} has no samples to evaluate. Fix: pick another --split")
     resize = eval_size if args.eval_resize else config.get("data", {}).get("eval_resize")
-    model = model.to(accelerator.device).eval()
-    predictor = TTA(model, args.tta)
-    # Read the whole split whatever fails (no budget), so that the error lists every bad sample.
-    stats = StreamStats(max_bad_samples=None)
-    stream = EvalStream(source, EvalTransform(EvalTransformConfig(resize=resize)), args.batch_size,
-                        rank=accelerator.process_index, world_size=accelerator.num_processes, max_bad_samples=None)
-    cm, _ = confusion_matrix(predictor, iterate(make_loader(stream, args.num_workers), stats), classes.num_classes,
-                             classes.ignore_label, classes.names, accelerator.device, accelerator.autocast)
-    result = cm.reduce().compute()
+    result, stats = score(args, accelerator, model, source, model_info.classes, resize)
     bad = stats.reduce()
     expected = source.num_samples
     missing = expected - result.num_samples if expected is not None else bad
@@ -194,24 +106,46 @@ def run(args: argparse.Namespace) -> SegmentationMetrics:
             "eval_resize": resize, "num_processes": accelerator.num_processes, "bad_samples": bad,
             "split_samples": expected, "missing_samples": missing, "unreadable": stats.problems(), **result.to_dict(),
         }
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(out)
-        plots = write_plots(result, out)
-        print(result, flush=True)
-        if missing:
-            print(f"warning: {result.num_samples} samples scored, the split has "
-                  f"{expected if expected is not None else 'an unknown number'} ({bad} could not be read: "
-                  f"{'; '.join(stats.problems()[:3])})", file=sys.stderr, flush=True)
-        elif expected is None:
-            print(f"warning: the split's size is unknown (its shards are not listed in dataset.json): "
-                  f"{result.num_samples} samples scored", file=sys.stderr, flush=True)
-        print(f"mIoU {100 * result.miou:.2f} over {result.num_samples} samples; wrote {out}, "
-              + ", ".join(str(p) for p in plots), flush=True)
+        write_report(report, result, Path(args.out), stats)
     accelerator.end_training()
     return result
+
+
+def score(args: argparse.Namespace, accelerator, model, source, classes, resize):
+    """This split's reduced metrics, every sample once over all processes, and the stream's
+    record of unreadable samples (read whatever fails, with no budget, so that the error
+    lists every bad sample)."""
+    from unetseg.badsamples import StreamStats
+    from unetseg.stream import EvalStream, iterate, make_loader
+    from unetseg.transforms import EvalTransform, EvalTransformConfig
+
+    predictor = TTA(model.to(accelerator.device).eval(), args.tta)
+    stats = StreamStats(max_bad_samples=None)
+    stream = EvalStream(source, EvalTransform(EvalTransformConfig(resize=resize)), args.batch_size,
+                        rank=accelerator.process_index, world_size=accelerator.num_processes, max_bad_samples=None)
+    cm, _ = confusion_matrix(predictor, iterate(make_loader(stream, args.num_workers), stats), classes.num_classes,
+                             classes.ignore_label, classes.names, accelerator.device, accelerator.autocast)
+    return cm.reduce().compute(), stats
+
+
+def write_report(report: dict, result: SegmentationMetrics, out: Path, stats) -> None:
+    """``report.json`` (written whole or not at all), the plots beside it, and the table."""
+    from unetseg.checkpoint import write_text_atomic
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(report, indent=2) + "\n")
+    plots = write_plots(result, out)
+    print(result, flush=True)
+    expected, missing = report["split_samples"], report["missing_samples"]
+    if missing:
+        print(f"warning: {result.num_samples} samples scored, the split has "
+              f"{expected if expected is not None else 'an unknown number'} ({report['bad_samples']} could not be "
+              f"read: {'; '.join(stats.problems()[:3])})", file=sys.stderr, flush=True)
+    elif expected is None:
+        print(f"warning: the split's size is unknown (its shards are not listed in dataset.json): "
+              f"{result.num_samples} samples scored", file=sys.stderr, flush=True)
+    print(f"mIoU {100 * result.miou:.2f} over {result.num_samples} samples; wrote {out}, "
+          + ", ".join(str(p) for p in plots), flush=True)
 
 
 def write_plots(result: SegmentationMetrics, report: Path) -> list[Path]:

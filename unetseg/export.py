@@ -10,7 +10,7 @@ ids). Batch, height and width are **dynamic**: the model pads to a multiple of
 ``2**depth`` inside and crops back, and both formats keep that arithmetic in the graph.
 Resizing (a model trained with ``eval_resize``), the argmax and the palette are left to
 the caller; the class names, palette, ignore index, mean, std, ``eval_resize`` and the
-architecture travel with the file as JSON (ONNX: the model metadata property
+model's registered name and options (``model``) travel with the file as JSON (ONNX: the model metadata property
 ``unetseg``; TorchScript: the extra file ``unetseg.json`` of ``torch.jit.load``).
 
 - **onnx**: ``torch.onnx.export(dynamo=True)``, the torch.export-based exporter, the
@@ -98,9 +98,9 @@ def _require_onnx() -> None:
 def default_size(config: dict[str, Any], info) -> tuple[int, int]:
     """``eval_resize`` if the model was trained with it, else the most common image size
     over the splits of its dataset.json (keys ``"HxW"``), else 64x64."""
-    from unetseg.transforms import _size_pair
+    from unetseg.transforms import size_pair
 
-    resize = _size_pair((config.get("data") or {}).get("eval_resize"), "eval_resize (in the model's config.yaml)")
+    resize = size_pair((config.get("data") or {}).get("eval_resize"), "eval_resize (in the model's config.yaml)")
     if resize is not None:
         return resize
     counts: Counter[tuple[int, int]] = Counter()
@@ -116,7 +116,7 @@ def default_size(config: dict[str, Any], info) -> tuple[int, int]:
     return max(counts.items(), key=lambda kv: (kv[1], -kv[0][0], -kv[0][1]))[0]
 
 
-def _metadata(model, config: dict[str, Any], info) -> str:
+def _metadata(options, config: dict[str, Any], info) -> str:
     from unetseg import __version__
     from unetseg.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -127,12 +127,13 @@ def _metadata(model, config: dict[str, Any], info) -> str:
         "std": list(IMAGENET_STD),
         "eval_resize": (config.get("data") or {}).get("eval_resize"),
         "classes": info.classes.to_dict(),
-        "unet": model.config.to_dict(),
+        "model": options.to_dict(),
         "unetseg_version": __version__,
     })
 
 
-def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int, metadata: str) -> int:
+def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int, metadata: str,
+                 num_classes: int) -> int:
     import onnx_ir as ir
 
     dim = torch.export.Dim
@@ -142,9 +143,9 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opse
         dynamic_shapes=dynamic, opset_version=opset, verbose=False,
     )
     graph_model = program.model
-    # The exporter names the output dims after the padding arithmetic (Min(height, 16*...));
-    # the model crops back to the input size, so they are the input's.
-    graph_model.graph.outputs[0].shape = ir.Shape(["batch", model.config.num_classes, "height", "width"])
+    # The exporter names the output dims after a model's padding arithmetic (Min(height, 16*...));
+    # a segmentation model's logits have the input's size, so they are the input's.
+    graph_model.graph.outputs[0].shape = ir.Shape(["batch", num_classes, "height", "width"])
     graph_model.metadata_props[METADATA_KEY] = metadata
     program.save(path, external_data=False)
     return int(graph_model.opset_imports.get("", opset))
@@ -198,11 +199,46 @@ def export(
     to ``out`` as ``format`` ("onnx" or "torchscript"); see the module docstring.
     ``height`` and ``width`` (both or neither) set the example input size."""
     from unetseg.checkpoint import load_model
+    from unetseg.models import saved_model_options
 
     start = time.perf_counter()
+    out = Path(out)
+    _check_options(format, out, height, width, opset)
+
+    model, config, info = load_model(model_path)
+    model.eval()
+    h, w = (height, width) if height is not None else default_size(config, info)
+    generator = torch.Generator().manual_seed(0)
+    options = saved_model_options(config)
+    channels = options.in_channels
+    example = torch.randn(1, channels, h, w, generator=generator)
+    # A second size with other remainders modulo 2**depth, and a batch of two: the dynamic axes.
+    second = torch.randn(2, channels, h // 2 + 3, w // 2 + 5, generator=generator)
+    metadata = _metadata(options, config, info)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    opset_written: int | None = None
+    try:
+        if format == "onnx":
+            opset_written = _export_onnx(model, example, tmp, opset, metadata, options.num_classes)
+            if opset_written != opset:
+                raise UnetsegError(f"opset {opset}: the exporter could only write opset {opset_written}. Fix: use --opset {opset_written}")
+            run = _onnx_runner(tmp)
+        else:
+            _export_torchscript(model, example, tmp, metadata)
+            run = _torchscript_runner(tmp)
+        checks = [_check_against_eager(model, run, x, format, out) for x in (example, second)]
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportReport(path=out, format=format, opset=opset_written, example_size=(h, w), checks=checks,
+                        seconds=time.perf_counter() - start)
+
+
+def _check_options(format: str, out: Path, height: int | None, width: int | None, opset: int) -> None:
     if format not in FORMATS:
         raise UnetsegError(f"format {format!r}: not one of {', '.join(FORMATS)}. Fix: use --format onnx or --format torchscript")
-    out = Path(out)
     if out.is_dir():
         raise UnetsegError(f"--out {out}: a folder. Fix: give a file name, e.g. {out / ('model.onnx' if format == 'onnx' else 'model.pt')}")
     if (height is None) != (width is None):
@@ -218,54 +254,30 @@ def export(
             )
         _require_onnx()
 
-    model, config, info = load_model(model_path)
-    model.eval()
-    h, w = (height, width) if height is not None else default_size(config, info)
-    generator = torch.Generator().manual_seed(0)
-    channels = model.config.in_channels
-    example = torch.randn(1, channels, h, w, generator=generator)
-    # A second size with other remainders modulo 2**depth, and a batch of two: the dynamic axes.
-    second = torch.randn(2, channels, h // 2 + 3, w // 2 + 5, generator=generator)
-    metadata = _metadata(model, config, info)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    opset_written: int | None = None
-    try:
-        if format == "onnx":
-            opset_written = _export_onnx(model, example, tmp, opset, metadata)
-            if opset_written != opset:
-                raise UnetsegError(f"opset {opset}: the exporter could only write opset {opset_written}. Fix: use --opset {opset_written}")
-            run = _onnx_runner(tmp)
-        else:
-            _export_torchscript(model, example, tmp, metadata)
-            run = _torchscript_runner(tmp)
-        checks = []
-        for x in (example, second):
-            with torch.inference_mode():
-                expected = model(x)
-            got = run(x)
-            shape = tuple(x.shape)
-            if tuple(got.shape) != tuple(expected.shape):
-                raise UnetsegError(
-                    f"the exported {format} model gives logits of shape {tuple(got.shape)} for an input of shape "
-                    f"{shape}, the eager model {tuple(expected.shape)}. Fix: report this as a bug; export with "
-                    f"--height/--width set to the size you will run it at"
-                )
-            diff = float((got.float() - expected).abs().max())
-            tolerance = RTOL * max(1.0, float(expected.abs().max()))
-            if not diff <= tolerance:  # also catches NaN
-                raise UnetsegError(
-                    f"the exported {format} model differs from the eager model by up to {diff:.3g} on a random input "
-                    f"of shape {shape} (tolerance {tolerance:.3g}); nothing was written to {out}. Fix: try the other "
-                    f"format, or report this as a bug with your torch and onnxruntime versions"
-                )
-            checks.append((shape, diff, tolerance))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return ExportReport(path=out, format=format, opset=opset_written, example_size=(h, w), checks=checks,
-                        seconds=time.perf_counter() - start)
+def _check_against_eager(model, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, format: str,
+                         out: Path) -> tuple[tuple[int, ...], float, float]:
+    """(input shape, max |exported - eager|, tolerance) for one input, or an error that
+    says the file is not written."""
+    with torch.inference_mode():
+        expected = model(x)
+    got = run(x)
+    shape = tuple(x.shape)
+    if tuple(got.shape) != tuple(expected.shape):
+        raise UnetsegError(
+            f"the exported {format} model gives logits of shape {tuple(got.shape)} for an input of shape "
+            f"{shape}, the eager model {tuple(expected.shape)}. Fix: report this as a bug; export with "
+            f"--height/--width set to the size you will run it at"
+        )
+    diff = float((got.float() - expected).abs().max())
+    tolerance = RTOL * max(1.0, float(expected.abs().max()))
+    if not diff <= tolerance:  # also catches NaN
+        raise UnetsegError(
+            f"the exported {format} model differs from the eager model by up to {diff:.3g} on a random input "
+            f"of shape {shape} (tolerance {tolerance:.3g}); nothing was written to {out}. Fix: try the other "
+            f"format, or report this as a bug with your torch and onnxruntime versions"
+        )
+    return shape, diff, tolerance
 
 
 def main_export(model: str | os.PathLike, format: str, out: str | os.PathLike) -> int:

@@ -1,156 +1,55 @@
-"""Segmentation losses and class weights.
+"""Segmentation losses and the registry of loss terms.
 
-:class:`SegmentationLoss` is cross-entropy (``"ce"``), soft Dice (``"dice"``) or their
-sum (``"ce+dice"``), computed in float32 even under autocast, with ignored pixels
-left out of both terms. A batch in which every pixel is ignored gives a loss of
+This module owns what a training loss is: :class:`SegmentationLoss` is a weighted
+sum of registered terms written as text (``"ce"``, ``"dice"``, ``"ce+0.5*dice"``, see
+:func:`parse_loss`), computed in float32 even under autocast, with ignored pixels
+left out of every term. A batch in which every pixel is ignored gives a loss of
 exactly 0 that still depends on the logits (its gradient is all zeros), so the
 backward pass reaches every parameter and DDP does not complain about unused ones.
 
-:func:`class_weights` turns the per-class pixel counts of ``dataset.json``
-(``SplitInfo.pixel_counts``, which already leave ignored pixels out) into
-cross-entropy weights.
+Adding a loss is one factory and one registration; the module that defines it
+must be imported before the loss text is parsed (by the config or by
+:class:`SegmentationLoss`)::
+
+    from unetseg.losses import LossSpec, register_loss
+
+    @register_loss("focal")
+    def focal(spec: LossSpec):
+        return lambda logits, target: my_focal_loss(logits, target, spec.ignore_index)
+
+after which ``loss: ce+0.5*focal`` works. A term gets float32 logits with autocast
+off, and must give 0 (not NaN) with a gradient when every pixel is ignored.
+
+Class weights for the ``ce`` term are computed from ``dataset.json`` in
+:mod:`unetseg.class_weights`; this module only checks and applies them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-import statistics
-import warnings
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unetseg.class_weights import explicit_weights
 from unetseg.errors import UnetsegError
 
-__all__ = ["CLASS_WEIGHT_KINDS", "LOSS_KINDS", "SegmentationLoss", "class_weights", "dice_loss"]
-
-LOSS_KINDS = ("ce", "dice", "ce+dice")
-CLASS_WEIGHT_KINDS = ("none", "median_frequency", "inverse_log")
-# ENet's constant: w_c = 1 / ln(c + p_c) bounds every weight by 1 / ln(1.02) ~ 50.5.
-ENET_C = 1.02
-
-
-def class_weights(
-    kind: str | Sequence[float],
-    pixel_counts: Sequence[int],
-    ignore: int | Iterable[int] | None = None,
-) -> torch.Tensor | None:
-    """Per-class cross-entropy weights (float32, one per class) from pixel counts.
-
-    Args:
-        kind: one of
-
-            - ``"none"``: no weighting; returns ``None``.
-            - ``"median_frequency"``: SegNet's median frequency balancing,
-              ``w_c = median(freq) / freq_c`` with ``freq_c = count_c / sum(counts)``;
-              the median is taken over the classes that have pixels (for an even
-              number of them, the mean of the two middle values). **Approximation:**
-              the SegNet paper (Badrinarayanan et al., 2017, after Eigen & Fergus)
-              defines ``freq_c`` as the pixels of ``c`` divided by the total pixels
-              of *the images in which c is present*. ``dataset.json`` keeps only
-              per-class totals, so the denominator here is the labelled pixels of
-              the whole split. That equals the paper's value for classes present in
-              every image; for a class present in few images the paper's
-              frequency is larger, so its weight here is larger than the paper's.
-              (With a common denominator the weight is just ``median(counts) / count_c``.)
-            - ``"inverse_log"``: ENet's weighting ``w_c = 1 / ln(1.02 + p_c)`` with
-              ``p_c = count_c / sum(counts)``; weights lie between ~1.4 (a class
-              that covers everything) and ~50.5 (a vanishingly rare class).
-            - an explicit list of floats, one per class, each finite and >= 0, not
-              all 0; returned as a tensor as it is.
-
-            Weights are not normalised: :func:`torch.nn.functional.cross_entropy`
-            with mean reduction divides by the summed weight of the target pixels,
-            so only their ratios matter.
-        pixel_counts: labelled pixels per class (``SplitInfo.pixel_counts``); its
-            length is the number of classes.
-        ignore: class ids (an int or several) to leave out of the statistics and
-            give weight 0, e.g. a "void" class kept as a real class id. Ids that
-            are not class ids (such as an ``ignore_index`` of 255) have no entry in
-            ``pixel_counts`` and are skipped, so passing ``ClassInfo.ignore_index``
-            here is harmless.
-
-    A class with no pixels (or listed in ``ignore``) gets weight 0 rather than an
-    error, with a :class:`UserWarning` for those with no pixels: it never occurs as
-    a target in the split the counts come from, so its weight would not change the
-    loss there, and the model cannot learn it from that split anyway.
-
-    Raises:
-        UnetsegError: an unknown ``kind``, an explicit list of the wrong length or
-            with negative / non-finite values, or counts with no labelled pixel.
-    """
-    counts = [int(c) for c in pixel_counts]
-    num_classes = len(counts)
-    if num_classes == 0:
-        raise UnetsegError("class weights: pixel_counts is empty. Fix: compute weights from a split with at least one class")
-    if any(c < 0 for c in counts):
-        raise UnetsegError(f"class weights: pixel_counts {counts} has a negative count. Fix: regenerate dataset.json")
-
-    if not isinstance(kind, str):
-        return _explicit_weights(kind, num_classes)
-    if kind not in CLASS_WEIGHT_KINDS:
-        raise UnetsegError(
-            f"class weights: unknown kind {kind!r}. Fix: use one of {', '.join(CLASS_WEIGHT_KINDS)}, "
-            "or give one weight per class as a list of numbers"
-        )
-    if kind == "none":
-        return None
-
-    ignored = _ignored_ids(ignore, num_classes)
-    used = [c if i not in ignored else 0 for i, c in enumerate(counts)]
-    total = sum(used)
-    if total == 0:
-        raise UnetsegError(
-            f"class weights {kind!r}: no labelled pixel in pixel_counts {counts}"
-            + (f" outside the ignored classes {sorted(ignored)}" if ignored else "")
-            + ". Fix: compute weights from a split that has labelled pixels, or use class weights 'none'"
-        )
-    empty = [i for i, c in enumerate(counts) if c == 0 and i not in ignored]
-    if empty:
-        warnings.warn(
-            f"class weights {kind!r}: classes {empty} have no labelled pixels; they get weight 0 "
-            "(the model cannot learn them from this split)",
-            UserWarning,
-            stacklevel=2,
-        )
-    freqs = [c / total for c in used]
-    if kind == "median_frequency":
-        median = statistics.median(f for f in freqs if f > 0)
-        weights = [median / f if f > 0 else 0.0 for f in freqs]
-    else:  # inverse_log
-        weights = [1.0 / math.log(ENET_C + f) if f > 0 else 0.0 for f in freqs]
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-def _ignored_ids(ignore: int | Iterable[int] | None, num_classes: int) -> set[int]:
-    if ignore is None:
-        return set()
-    ids = [ignore] if isinstance(ignore, int) else list(ignore)
-    return {int(i) for i in ids if 0 <= int(i) < num_classes}
-
-
-def _explicit_weights(values: Sequence[float], num_classes: int) -> torch.Tensor:
-    try:
-        weights = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise UnetsegError(
-            f"class weights: {values!r} is neither a kind nor a list of numbers. "
-            f"Fix: use one of {', '.join(CLASS_WEIGHT_KINDS)}, or a list of {num_classes} numbers"
-        ) from None
-    if len(weights) != num_classes:
-        raise UnetsegError(
-            f"class weights: {len(weights)} weights {weights} for {num_classes} classes. "
-            f"Fix: give exactly one weight per class ({num_classes}), in class order"
-        )
-    bad = [w for w in weights if not math.isfinite(w) or w < 0]
-    if bad:
-        raise UnetsegError(f"class weights: {bad} in {weights} are not finite numbers >= 0. Fix: use weights >= 0")
-    if not any(w > 0 for w in weights):
-        raise UnetsegError(f"class weights: every weight in {weights} is 0. Fix: give at least one class a weight > 0")
-    return torch.tensor(weights, dtype=torch.float32)
+__all__ = [
+    "LossSpec",
+    "SegmentationLoss",
+    "dice_loss",
+    "format_loss",
+    "loss_names",
+    "masked_cross_entropy",
+    "parse_loss",
+    "register_loss",
+]
 
 
 def _no_autocast(device_type: str):
@@ -199,25 +98,208 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | No
         return ((1.0 - dice) * present).sum() / present.sum().clamp_min(1.0)
 
 
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing tensor fields gives no single bool
+class LossSpec:
+    """What a loss term may depend on besides the logits and targets, fixed for a run.
+
+    Terms take what they need and ignore the rest, so a new term needs no new
+    argument threaded through :class:`SegmentationLoss` unless it adds a setting.
+    """
+
+    ignore_index: int | None = None
+    class_weights: torch.Tensor | None = None
+    label_smoothing: float = 0.0
+    dice_smooth: float = 1.0
+
+
+LossTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFactory = Callable[[LossSpec], LossTerm]
+
+_LOSSES: dict[str, LossFactory] = {}
+# So that parse_loss can read every name back: no "+", "*" or spaces.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_FIX = "Fix: use e.g. ce, dice or ce+0.5*dice"
+
+
+def register_loss(name: str) -> Callable[[LossFactory], LossFactory]:
+    """Register ``factory(spec) -> term`` as the loss ``name``, usable in loss text.
+
+    ``term(logits (N, C, H, W), target (N, H, W) long)`` returns a scalar float32
+    tensor. A factory returning an :class:`torch.nn.Module` gets it registered as a
+    submodule of :class:`SegmentationLoss`, so its tensors follow ``.to(device)``
+    instead of being copied to the device on every step.
+
+    Raises:
+        ValueError: a name that loss text could not spell, or one already taken.
+            Not a :class:`UnetsegError`: it is a bug in code, not in user input.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"register_loss: name {name!r} must be letters, digits and _ (not starting with a digit)")
+
+    def register(factory: LossFactory) -> LossFactory:
+        if name in _LOSSES:
+            raise ValueError(f"register_loss: a loss named {name!r} is already registered ({_LOSSES[name]!r})")
+        _LOSSES[name] = factory
+        return factory
+
+    return register
+
+
+def loss_names() -> tuple[str, ...]:
+    """The registered loss names, in registration order (the built-ins first)."""
+    return tuple(_LOSSES)
+
+
+def parse_loss(text: str, dice_weight: float = 1.0) -> list[tuple[float, str]]:
+    """The ``(weight, name)`` terms of loss text such as ``"ce"`` or ``"ce+0.5*dice"``.
+
+    A loss is a ``+``-joined sum of terms, each ``name`` or ``weight*name``, with
+    spaces allowed around the tokens. A term without a weight has weight 1, except
+    that ``dice_weight`` weights an unweighted ``dice`` in a sum of several terms:
+    that is the old ``ce+dice`` / ``dice_weight`` setting, kept so existing configs
+    train the same. A lone term is never rescaled by it (scaling the whole loss
+    would only change the effective learning rate), nor is an explicit weight.
+
+    Raises:
+        UnetsegError: unknown or repeated names, empty terms, weights that are not
+            finite numbers >= 0 (or all 0), or a bad ``dice_weight``; the message
+            names the value, the registered losses and a fix.
+    """
+
+    def fail(what: str) -> UnetsegError:
+        return UnetsegError(f"loss {text!r}: {what} (registered losses: {', '.join(_LOSSES)}). {_FIX}")
+
+    if not isinstance(text, str):
+        raise fail("is not text")
+    if not text.strip():
+        raise fail("is empty")
+    parsed: list[tuple[float | None, str]] = []
+    for part in text.split("+"):
+        part = part.strip()
+        if not part:
+            raise fail("has an empty term")
+        weight_text, star, name = (s.strip() for s in part.rpartition("*"))
+        if not name:
+            raise fail(f"term {part!r} has no loss name")
+        if name not in _LOSSES:
+            raise fail(f"unknown loss {name!r}")
+        if name in (n for _, n in parsed):
+            raise fail(f"{name!r} appears twice; give it one weight instead")
+        weight = None
+        if star:
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                raise fail(f"weight {weight_text!r} of {name!r} is not a number") from None
+            if not math.isfinite(weight) or weight < 0:
+                raise fail(f"weight {weight_text} of {name!r} must be a finite number >= 0")
+        parsed.append((weight, name))
+    if not (isinstance(dice_weight, (int, float)) and math.isfinite(dice_weight) and dice_weight >= 0):
+        raise UnetsegError(f"loss: dice_weight {dice_weight!r} must be a finite number >= 0. Fix: use e.g. 1.0")
+    terms = [
+        (w if w is not None else float(dice_weight) if name == "dice" and len(parsed) > 1 else 1.0, name)
+        for w, name in parsed
+    ]
+    if all(w == 0 for w, _ in terms):
+        raise fail(f"every term has weight 0 ({format_loss(terms)}), so nothing would be learned")
+    return terms
+
+
+def format_loss(terms: Iterable[tuple[float, str]]) -> str:
+    """Loss text for ``(weight, name)`` terms, which :func:`parse_loss` (with its default
+    ``dice_weight``) reads back to the same terms; for logs and reprs."""
+    return "+".join(name if weight == 1 else f"{weight!r}*{name}" for weight, name in terms)
+
+
+# --------------------------------------------------------------------------- built-in terms
+
+
+def masked_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Mean cross-entropy over valid pixels in float32; 0 (with a zero gradient) when there are none.
+
+    Equals ``F.cross_entropy(logits, target, weight=..., ignore_index=..., label_smoothing=...)``
+    with mean reduction (the sum over valid pixels divided by their number, or by
+    their summed class weights) except where torch would divide 0 by 0 and give NaN.
+    """
+    with _no_autocast(logits.device.type):
+        logits = logits.float()
+        if weight is not None:
+            weight = weight.to(device=logits.device, dtype=torch.float32)
+        ignore_index = -100 if ignore_index is None else ignore_index
+        total = F.cross_entropy(
+            logits, target, weight=weight, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, reduction="sum",
+        )  # fmt: skip
+        valid = target != ignore_index
+        if weight is None:
+            denom = valid.sum().to(torch.float32)
+        else:
+            # weight[target] with ignored targets (possibly >= C) replaced by class 0, then masked.
+            safe_target = torch.where(valid, target, torch.zeros_like(target))
+            denom = (weight[safe_target] * valid).sum()
+        # When denom is 0 the sum is exactly 0 too; dividing by 1 keeps value and gradient finite
+        # (a torch.where on the quotient would still backpropagate 0 * inf = NaN).
+        denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+        return total / denom
+
+
+@register_loss("ce")
+class CrossEntropyTerm(nn.Module):
+    """The ``ce`` term: a module so that its class weights move with ``.to(device)``."""
+
+    def __init__(self, spec: LossSpec):
+        super().__init__()
+        self.ignore_index = spec.ignore_index
+        self.label_smoothing = spec.label_smoothing
+        # Not persistent: the weights come from the config and dataset.json, not from checkpoints.
+        self.register_buffer("class_weights", spec.class_weights, persistent=False)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+                f"weighted={self.class_weights is not None}")
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return masked_cross_entropy(logits, target, self.class_weights, self.ignore_index, self.label_smoothing)
+
+
+@register_loss("dice")
+def _dice(spec: LossSpec) -> LossTerm:
+    # Unweighted by design: Dice already averages over the classes present, so rare classes count fully.
+    # A partial rather than a lambda, so that the loss module still pickles.
+    return functools.partial(dice_loss, ignore_index=spec.ignore_index, smooth=spec.dice_smooth)
+
+
+# --------------------------------------------------------------------------- the loss
+
+
 class SegmentationLoss(nn.Module):
-    """Cross-entropy, soft Dice, or both, for logits ``(N, C, H, W)`` and targets ``(N, H, W)``.
+    """A weighted sum of registered loss terms, for logits ``(N, C, H, W)`` and targets ``(N, H, W)``.
 
     Args:
-        kind: ``"ce"``, ``"dice"`` or ``"ce+dice"`` (``ce + dice_weight * dice``).
+        kind: loss text, e.g. ``"ce"``, ``"dice"``, ``"ce+dice"`` or ``"ce+0.5*dice"``
+            (see :func:`parse_loss`; ``"ce+dice"`` is ``ce + dice_weight * dice``).
         ignore_index: target value of pixels that count for nothing (``ClassInfo.ignore_index``),
             or ``None`` when no pixel is ignored.
-        class_weights: per-class cross-entropy weights (see :func:`class_weights`), or
+        class_weights: per-class cross-entropy weights (see :func:`unetseg.class_weights.class_weights`), or
             ``None``. They weight the cross-entropy term only; Dice is an unweighted
             mean over classes.
         label_smoothing: as in :func:`torch.nn.functional.cross_entropy`, in ``[0, 1)``.
-        dice_weight: weight of the Dice term in ``"ce+dice"`` (>= 0).
+        dice_weight: weight of an unweighted ``dice`` in a sum of terms (>= 0).
         dice_smooth: the smoothing constant of :func:`dice_loss` (> 0).
 
-    Cross-entropy equals ``F.cross_entropy(logits, target, weight=..., ignore_index=...,
-    label_smoothing=...)`` with mean reduction — the sum over valid pixels divided by
-    their number (or their summed class weights) — except that when there is nothing
-    to divide by (every pixel ignored, or every valid pixel of weight 0) it is 0
-    instead of NaN, with a zero gradient that still reaches the logits.
+    Every term sees float32 logits with autocast off, so bf16/fp16 training does not
+    lose the small differences a loss is made of. Cross-entropy is
+    :func:`masked_cross_entropy`: ``F.cross_entropy`` except 0 instead of NaN when there
+    is nothing to divide by (every pixel ignored, or every valid pixel of weight 0).
     """
 
     def __init__(
@@ -230,31 +312,34 @@ class SegmentationLoss(nn.Module):
         dice_smooth: float = 1.0,
     ):
         super().__init__()
-        if kind not in LOSS_KINDS:
-            raise UnetsegError(f"loss: unknown kind {kind!r}. Fix: use one of {', '.join(LOSS_KINDS)}")
+        terms = parse_loss(kind, dice_weight)
         if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
             raise UnetsegError(f"loss: label_smoothing {label_smoothing!r} is outside [0, 1). Fix: use e.g. 0.1, or 0 for none")
-        if not (isinstance(dice_weight, (int, float)) and math.isfinite(dice_weight) and dice_weight >= 0):
-            raise UnetsegError(f"loss: dice_weight {dice_weight!r} must be a finite number >= 0. Fix: use e.g. 1.0")
         if not (isinstance(dice_smooth, (int, float)) and math.isfinite(dice_smooth) and dice_smooth > 0):
             raise UnetsegError(f"loss: dice_smooth {dice_smooth!r} must be a finite number > 0. Fix: use e.g. 1.0")
         if ignore_index is not None and not isinstance(ignore_index, int):
             raise UnetsegError(f"loss: ignore_index {ignore_index!r} must be an integer or None. Fix: use e.g. 255")
         self.kind = kind
+        self.terms: tuple[tuple[float, str], ...] = tuple(terms)
         self.ignore_index = ignore_index
         self.label_smoothing = float(label_smoothing)
         self.dice_weight = float(dice_weight)
         self.dice_smooth = float(dice_smooth)
         if class_weights is not None:
             values = class_weights.detach().flatten().tolist() if isinstance(class_weights, torch.Tensor) else class_weights
-            class_weights = _explicit_weights(values, len(values))
+            class_weights = explicit_weights(values, len(values))
         # Not persistent: the weights come from the config and dataset.json, not from checkpoints.
         self.register_buffer("class_weights", class_weights, persistent=False)
+        spec = LossSpec(ignore_index, class_weights, self.label_smoothing, self.dice_smooth)
+        self._fns = [(weight, name, _LOSSES[name](spec)) for weight, name in terms]
+        # A list, not a dict by name: a ModuleDict refuses names such as "forward" or "keys".
+        self.term_modules = nn.ModuleList([fn for _, _, fn in self._fns if isinstance(fn, nn.Module)])
 
     def extra_repr(self) -> str:
         return (
-            f"kind={self.kind!r}, ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-            f"dice_weight={self.dice_weight}, weighted={self.class_weights is not None}"
+            f"loss={format_loss(self.terms)!r}, ignore_index={self.ignore_index}, "
+            f"label_smoothing={self.label_smoothing}, "
+            f"weighted={self.class_weights is not None}"
         )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -270,33 +355,17 @@ class SegmentationLoss(nn.Module):
                 "Fix: give exactly one class weight per class"
             )
         target = target.long()
-        if self.kind == "dice":
-            return dice_loss(logits, target, self.ignore_index, self.dice_smooth)
-        loss = self.cross_entropy(logits, target)
-        if self.kind == "ce+dice":
-            loss = loss + self.dice_weight * dice_loss(logits, target, self.ignore_index, self.dice_smooth)
-        return loss
-
-    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over valid pixels in float32; 0 (with a zero gradient) when there are none."""
+        total = None
         with _no_autocast(logits.device.type):
             logits = logits.float()
-            weight = None
-            if self.class_weights is not None:
-                weight = self.class_weights.to(device=logits.device, dtype=torch.float32)
-            ignore_index = -100 if self.ignore_index is None else self.ignore_index
-            total = F.cross_entropy(
-                logits, target, weight=weight, ignore_index=ignore_index,
-                label_smoothing=self.label_smoothing, reduction="sum",
-            )  # fmt: skip
-            valid = target != ignore_index
-            if weight is None:
-                denom = valid.sum().to(torch.float32)
-            else:
-                # weight[target] with ignored targets (possibly >= C) replaced by class 0, then masked.
-                safe_target = torch.where(valid, target, torch.zeros_like(target))
-                denom = (weight[safe_target] * valid).sum()
-            # When denom is 0 the sum is exactly 0 too; dividing by 1 keeps value and gradient finite
-            # (a torch.where on the quotient would still backpropagate 0 * inf = NaN).
-            denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-            return total / denom
+            for weight, name, fn in self._fns:
+                value = fn(logits, target)
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"loss term {name!r} returned a {type(value).__name__}, not a tensor")
+                if value.ndim != 0 or value.dtype != torch.float32:
+                    got = f"{value.dtype} {tuple(value.shape)}"
+                    raise TypeError(f"loss term {name!r} returned {got}; a term must return a scalar float32 tensor")
+                # A weight of 1 is applied too: 1.0 * x == x exactly, and 0 * term keeps the term in the graph.
+                value = weight * value
+                total = value if total is None else total + value
+        return total

@@ -1,12 +1,8 @@
 """Streaming shards into batches: the training stream and the exact-once evaluation stream.
 
-Sources
-    A shard folder (local path or ``http(s)://`` base URL) with ``dataset.json``, or an
-    explicit brace pattern / ``::``-separated list of shard URLs (local paths, ``http(s)://``,
-    ``pipe:CMD``, and whatever else webdataset's ``gopen`` opens). For a pattern,
-    ``dataset.json`` is looked up beside the first shard unless given, and says which
-    split the pattern's shards belong to; the other splits' shards are found by the names
-    dataset.json lists, in the same folder (:func:`sibling_split`).
+Owns reading a :class:`~unetseg.sources.Source`'s shards in the DataLoader workers (decode,
+augment, batch, and the seeds that make it reproducible) and the DataLoader with its
+workers' signals. Where shards are: :mod:`unetseg.sources`; counting bad samples: :mod:`unetseg.badsamples`.
 
 Training stream (:class:`TrainStream`)
     Infinite and resampled: every DataLoader worker of every rank runs its own seeded
@@ -35,16 +31,12 @@ Evaluation stream (:class:`EvalStream`)
 
 Bad data
     A sample that fails to decode, or the part of a shard that cannot be read, is skipped
-    and recorded once, by its shard and key (a truncated shard counts the samples it
-    lost, from dataset.json's counts), however often the stream reads it again. Batches
-    carry each worker's new records; :class:`StreamStats` merges them on the rank and
-    ``StreamStats.reduce`` over ranks, and the run stops with a message listing each bad
-    sample once as soon as more than ``max_bad_samples`` distinct samples were lost.
+    and recorded in the worker's ``BadLog``; batches carry the new records to :func:`iterate`,
+    which hands them to ``StreamStats`` (both in :mod:`unetseg.badsamples`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -52,8 +44,6 @@ import signal
 import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,128 +52,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
-from unetseg.dataset import DATASET_JSON, DatasetInfo
+from unetseg.badsamples import DEFAULT_MAX_BAD_SAMPLES, BadLog, StreamStats
 from unetseg.errors import UnetsegError
-from unetseg.shards import IMAGE_EXTS, MASK_EXT, ShardReadError, iter_shard, open_url
+from unetseg.shards import IMAGE_EXTS, MASK_EXT, ShardReadError, iter_shard
+from unetseg.sources import Source
 from unetseg.transforms import EvalTransform, TrainTransform
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they are still
 # the fastest decoders here (docs/benchmarks.md), so keep them and keep the logs quiet.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
 
-DEFAULT_MAX_BAD_SAMPLES = 10
 DEFAULT_SHUFFLE_BUFFER = 256
 # A stream that reads this many shards in a row without one good sample stops.
 _MAX_EMPTY_SHARDS = 50
-
-
-# --- sources -------------------------------------------------------------------------
-
-
-@dataclass
-class Source:
-    """The shards of one split, with their sample counts when known."""
-
-    urls: list[str]
-    counts: list[int] | None
-    info: DatasetInfo
-    split: str
-    folder: str | None = None
-    """The folder or base URL all ``urls`` are in (``None`` for ``pipe:`` commands or
-    shards from several folders): where the other splits' shards are looked up."""
-
-    @property
-    def num_samples(self) -> int | None:
-        return sum(self.counts) if self.counts is not None else None
-
-    def describe(self) -> str:
-        where = self.folder or " :: ".join(self.urls[:2]) + (" ..." if len(self.urls) > 2 else "")
-        return f"split {self.split!r} of {where}"
-
-
-def _is_remote(text: str) -> bool:
-    return "://" in text or text.startswith("pipe:")
-
-
-def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}" if _is_remote(base) else str(Path(base) / name)
-
-
-def is_pattern(data: str | os.PathLike) -> bool:
-    """Whether ``data`` names shards (a brace pattern, a ``.tar`` URL, a ``::`` list)
-    rather than a shard folder."""
-    text = str(data)
-    return "{" in text or text.endswith(".tar") or "::" in text
-
-
-def load_dataset_json(location: str | os.PathLike) -> DatasetInfo:
-    """``dataset.json`` from a local folder or file, or from a URL."""
-    text = str(location)
-    if not _is_remote(text):
-        return DatasetInfo.load(text)
-    url = text if text.endswith(".json") else _join(text, DATASET_JSON)
-    try:
-        with open_url(url) as f:
-            data = json.loads(f.read().decode("utf-8"))
-    except Exception as e:
-        raise UnetsegError(f"{url}: cannot read dataset.json ({e}). Fix: check the URL, or pass the file with --dataset-json") from None
-    return DatasetInfo.from_dict(data, source=url)
-
-
-def open_source(data: str | os.PathLike, split: str, dataset_json: str | os.PathLike | None = None) -> Source:
-    """Resolve ``data`` (a shard folder or URL, or a shard pattern) to the shards of ``split``.
-
-    A pattern names its shards itself; dataset.json says which split each belongs to, and
-    a pattern whose shards dataset.json lists under another split is an error, so that
-    training shards are never taken for validation ones. Shards that dataset.json does
-    not list at all are taken as ``split`` with unknown sample counts."""
-    from braceexpand import braceexpand
-
-    text = str(data)
-    if is_pattern(text):
-        urls = [u for part in text.split("::") for u in braceexpand(part)]
-        if urls[0].startswith("pipe:") and dataset_json is None:
-            raise UnetsegError(f"{text}: a pipe: pattern has no folder to find dataset.json in. Fix: pass --dataset-json")
-        folders = {u.rsplit("/", 1)[0] if "/" in u else "." for u in urls}
-        folder = next(iter(folders)) if len(folders) == 1 and not urls[0].startswith("pipe:") else None
-        location = dataset_json or _join(urls[0].rsplit("/", 1)[0] if "/" in urls[0] else ".", DATASET_JSON)
-        info = load_dataset_json(location)
-        info.split(split, source=str(location))
-        owner = {name: name_split for name_split, s in info.splits.items() for name in s.shards}
-        names = [u.rsplit("/", 1)[-1] for u in urls]
-        found = sorted({owner[n] for n in names if n in owner})
-        if found and found != [split]:
-            others = [f"{n} ({owner[n]})" for n in names if owner.get(n, split) != split]
-            raise UnetsegError(
-                f"{text}: {location} lists {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} under another "
-                f"split than {split!r}. Fix: give a pattern of the {split!r} shards only, or the shard folder itself"
-                + (" (the other splits' shards are then found through dataset.json)" if split != "val" else "")
-            )
-        if found and not all(n in owner for n in names):
-            missing = [n for n in names if n not in owner]
-            raise UnetsegError(f"{text}: {location} does not list {missing[:3]}. Fix: check the pattern's shard numbers")
-        s = info.splits[split]
-        by_name = dict(zip(s.shards, s.shard_num_samples))
-        counts = [by_name[n] for n in names] if found else None
-        return Source(urls=urls, counts=counts, info=info, split=split, folder=folder)
-    info = load_dataset_json(text)
-    s = info.split(split, source=_join(text, DATASET_JSON))
-    return Source(urls=[_join(text, n) for n in s.shards], counts=list(s.shard_num_samples), info=info, split=split,
-                  folder=text)
-
-
-def sibling_split(source: Source, split: str) -> Source:
-    """The shards of another ``split`` of the dataset ``source`` comes from: the names
-    dataset.json lists for it, in ``source``'s folder. For a ``pipe:`` pattern or shards
-    from several folders there is no such folder: an error says to pass --val-data."""
-    if source.folder is None:
-        raise UnetsegError(
-            f"{' :: '.join(source.urls[:2])}: cannot tell where the {split!r} shards are (the shards do not come from "
-            f"one folder or URL). Fix: pass --val-data with the {split!r} shards (a folder or pattern)"
-        )
-    s = source.info.split(split, source=_join(source.folder, DATASET_JSON))
-    return Source(urls=[_join(source.folder, n) for n in s.shards], counts=list(s.shard_num_samples), info=source.info,
-                  split=split, folder=source.folder)
 
 
 # --- decoding and batching -------------------------------------------------------------
@@ -226,41 +107,7 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-class _BadLog:
-    """A worker's bad samples, each counted once: ``found`` maps an id (shard URL and
-    sample key, or a shard's unreadable tail) to (samples lost, what happened). The
-    ids not yet reported ride on the next batch the worker yields."""
-
-    def __init__(self, budget: int | None):
-        self.budget = budget
-        self.found: dict[str, tuple[int, str]] = {}
-        self.unsent: list[tuple[str, int, str]] = []
-        self.fatal: str | None = None
-
-    def add(self, ident: str, where: str, error: str, n: int = 1) -> None:
-        if ident not in self.found:
-            self.found[ident] = (n, f"{where}: {error}")
-            self.unsent.append((ident, n, f"{where}: {error}"))
-
-    @property
-    def count(self) -> int:
-        return sum(n for n, _ in self.found.values())
-
-    @property
-    def stop(self) -> bool:
-        return self.fatal is not None or (self.budget is not None and self.count > self.budget)
-
-    def tag(self, batch: dict[str, Any]) -> dict[str, Any]:
-        batch["_bad"], self.unsent = self.unsent, []
-        return batch
-
-    def error_batch(self) -> dict[str, Any]:
-        # Raising inside a worker reaches the main process wrapped in a traceback; a
-        # marker batch lets the main process stop with a plain message instead.
-        return self.tag({"_error": self.fatal or f"{self.count} bad samples, more than --max-bad-samples {self.budget}"})
-
-
-def _read(urls: list[str], counts: list[int] | None, bad: _BadLog, order: Iterator[int]) -> Iterator[dict[str, Any]]:
+def _read(urls: list[str], counts: list[int] | None, bad: BadLog, order: Iterator[int]) -> Iterator[dict[str, Any]]:
     """Raw samples from the shards ``order`` names. A shard that cannot be read to its
     end counts as the samples it lost (from ``counts``; at least one when unknown)."""
     empty = 0
@@ -282,7 +129,7 @@ def _read(urls: list[str], counts: list[int] | None, bad: _BadLog, order: Iterat
             return
 
 
-def _decode_or_log(sample: dict[str, Any], bad: _BadLog) -> tuple[tv_tensors.Image, tv_tensors.Mask] | None:
+def _decode_or_log(sample: dict[str, Any], bad: BadLog) -> tuple[tv_tensors.Image, tv_tensors.Mask] | None:
     try:
         return decode_pair(sample)
     except ValueError as e:
@@ -326,7 +173,7 @@ class TrainStream(IterableDataset):
             raise UnetsegError(f"{source.describe()} has no samples to train on. Fix: pack some into it, or pick "
                                "another split with --train-split")
 
-    def _samples(self, epoch: int, stream: int, bad: _BadLog) -> Iterator[dict[str, Any]]:
+    def _samples(self, epoch: int, stream: int, bad: BadLog) -> Iterator[dict[str, Any]]:
         """Raw samples of one (epoch, stream): resampled shards through a shuffle buffer."""
         rng = random.Random(derive_seed(self.seed, epoch, self.rank, stream))
         n = len(self.source.urls)
@@ -339,7 +186,7 @@ class TrainStream(IterableDataset):
                 buffer[i], buffer[-1] = buffer[-1], buffer[i]
                 yield buffer.pop()
 
-    def _batches(self, epoch: int, stream: int, skip: int, bad: _BadLog) -> Iterator[dict[str, Any]]:
+    def _batches(self, epoch: int, stream: int, skip: int, bad: BadLog) -> Iterator[dict[str, Any]]:
         """Batches of one (epoch, stream), from its ``skip``-th on; skipped ones are not decoded."""
         images, masks, keys = [], [], []
         position = 0
@@ -373,7 +220,7 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        bad = _BadLog(self.max_bad_samples)
+        bad = BadLog(self.max_bad_samples)
         per_epoch = self.batches_per_epoch
         # The DataLoader takes batches from its workers in turn, so this worker serves
         # global batches start + worker, + workers, ... Batch b of epoch e is batch
@@ -423,7 +270,7 @@ class EvalStream(IterableDataset):
         self.rank, self.world_size, self.max_bad_samples = rank, world_size, max_bad_samples
         self.pad_label = source.info.classes.ignore_label
 
-    def _my_samples(self, reader: int, readers: int, bad: _BadLog) -> Iterator[dict[str, Any]]:
+    def _my_samples(self, reader: int, readers: int, bad: BadLog) -> Iterator[dict[str, Any]]:
         urls, counts = self.source.urls, self.source.counts
         if counts is None:  # unknown sizes: deal whole shards
             yield from _read(urls, None, bad, iter(range(reader, len(urls), readers)))
@@ -453,7 +300,7 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        bad = _BadLog(self.max_bad_samples)
+        bad = BadLog(self.max_bad_samples)
         reader, readers = self.rank * workers + worker, self.world_size * workers
         resize = self.transform.resize is not None
         images, masks, full, keys, sizes = [], [], [], [], []
@@ -491,55 +338,7 @@ class EvalStream(IterableDataset):
             yield bad.error_batch()
 
 
-# --- loaders and bad-sample accounting -------------------------------------------------
-
-
-class StreamStats:
-    """The bad samples one rank's loader met, each once, merged from its workers (and,
-    after :meth:`reduce`, from every rank). ``max_bad_samples=None``: no limit."""
-
-    def __init__(self, max_bad_samples: int | None = DEFAULT_MAX_BAD_SAMPLES):
-        self.max_bad_samples = max_bad_samples
-        self.found: dict[str, tuple[int, str]] = {}
-
-    @property
-    def bad_samples(self) -> int:
-        """Samples lost, each counted once (a truncated shard counts the samples it lost)."""
-        return sum(n for n, _ in self.found.values())
-
-    def problems(self) -> list[str]:
-        """What went wrong, one line per bad sample or unreadable part of a shard."""
-        return [what for _, what in sorted(self.found.values(), key=lambda item: item[1])]
-
-    def update(self, batch: dict[str, Any]) -> None:
-        for ident, n, what in batch.pop("_bad", ()):
-            self.found.setdefault(ident, (n, what))
-        if "_error" in batch:
-            self.fail(batch["_error"])
-        if self.max_bad_samples is not None and self.bad_samples > self.max_bad_samples:
-            self.fail()
-
-    def fail(self, reason: str | None = None) -> None:
-        lines = self.problems()
-        shown = "\n  ".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
-        head = reason or f"{self.bad_samples} bad samples, more than --max-bad-samples {self.max_bad_samples}"
-        raise UnetsegError(
-            f"{head}:\n  {shown or '(no detail)'}\n"
-            "Fix: run `unetseg shards verify` on the shard folder and re-pack the shards it names, "
-            "or raise --max-bad-samples"
-        )
-
-    def reduce(self) -> int:
-        """Merge every rank's bad samples (a collective: every rank must call it) and
-        return how many samples were lost over all ranks, each counted once."""
-        from unetseg.distributed import all_gather_objects
-
-        for found in all_gather_objects(self.found):
-            for ident, entry in found.items():
-                self.found.setdefault(ident, tuple(entry))
-        if self.max_bad_samples is not None and self.bad_samples > self.max_bad_samples:
-            self.fail()
-        return self.bad_samples
+# --- loaders -------------------------------------------------------------------------
 
 
 def iterate(loader: DataLoader, stats: StreamStats) -> Iterator[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Experiment tracking through Accelerate's trackers (main process only).
+"""What a run reports while it trains, on the main process only: the progress bar, and
+experiment tracking through Accelerate's trackers.
 
 W&B runs offline, with no network call and no prompt, unless credentials are configured
 (``WANDB_API_KEY``, or a ``wandb login`` entry in ``~/.netrc``) or ``WANDB_MODE`` says
@@ -10,13 +11,17 @@ from __future__ import annotations
 
 import netrc
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from unetseg.errors import UnetsegError
+
+if TYPE_CHECKING:
+    from unetseg.train import Run
 
 
 def wandb_has_credentials() -> bool:
@@ -91,3 +96,111 @@ def log_predictions(accelerator, examples: list[dict[str, torch.Tensor]], classe
                 row = np.concatenate([img, colourise(ex["pred"], classes.palette, classes.ignore_index),
                                       colourise(ex["target"], classes.palette, classes.ignore_index)], axis=1)
                 tracker.writer.add_image(f"val/prediction_{i}", row, step, dataformats="HWC")
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def tracker_metrics(metrics: dict[str, Any], bad: int) -> dict[str, Any]:
+    out = {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+    for name, values in metrics.get("per_class", {}).items():
+        if values.get("iou") is not None:
+            out[f"val/iou/{name}"] = values["iou"]
+    out["train/bad_samples"] = bad
+    return out
+
+
+class Progress:
+    """A progress bar with loss, images/s and ETA on the main process; silent elsewhere."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled)
+        self.task = self.bar.add_task("train", total=total, completed=start, info="")
+        self.bar.start()
+
+    def update(self, step: int, record: dict[str, Any]) -> None:
+        self.bar.update(self.task, completed=step, info=f"loss {record['loss']:.4f}  {record['images_per_s']:.1f} img/s")
+
+    def print(self, text: str) -> None:
+        if not self.bar.disable:
+            self.bar.console.print(text, markup=False, highlight=False, soft_wrap=True)  # paths stay whole
+
+    def close(self) -> None:
+        self.bar.stop()
+
+
+class Reporter:
+    """What the run tells the user on the main process: the progress bar, ``metrics.jsonl``
+    and the tracker. Losses are averaged over ranks every ``log_every`` steps (a
+    collective, so every rank calls it); images/s counts training time only."""
+
+    def __init__(self, run: Run, train_stats):
+        from unetseg.tracking import Progress
+
+        self.run, self.train_stats = run, train_stats
+        self.path = run.run_dir / "metrics.jsonl"
+        self.progress = Progress(run.main, run.total_steps, run.state.step)
+        self.losses: list[torch.Tensor] = []
+        self.bad = 0
+        self.last_table = ""
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def log_step(self, lr: float, stopped: bool) -> None:
+        from unetseg.distributed import all_reduce_sum
+        from unetseg.runstate import append_jsonl
+
+        run, step = self.run, self.run.state.step
+        self.window_steps += 1
+        if not (step % run.config.run.log_every == 0 or step == run.total_steps or stopped):
+            return
+        world, device = run.accelerator.num_processes, run.accelerator.device
+        finite = [loss for loss in self.losses if torch.isfinite(loss)]
+        loss_mean = all_reduce_sum(torch.stack(finite).mean().reshape(1) if finite else torch.zeros(1, device=device)) / world
+        images = self.window_steps * run.config.optim.grad_accum * run.config.data.batch_size * world
+        record = {"step": step, "epoch": (step - 1) // run.data.steps_per_epoch, "lr": lr,
+                  "loss": round(float(loss_mean), 6),
+                  "images_per_s": round(images / (time.perf_counter() - self.window_start), 2)}
+        if run.main:
+            append_jsonl(self.path, record)
+            run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            self.progress.update(step, record)
+        self.losses = []
+        self.restart_clock()
+
+    def log_epoch(self) -> None:
+        """Skipped samples, merged over ranks once per epoch (a collective)."""
+        before, self.bad = self.bad, self.train_stats.reduce()
+        if self.run.main and self.bad > before:
+            epoch = (self.run.state.step - 1) // self.run.data.steps_per_epoch
+            self.progress.print(f"epoch {epoch}: {self.bad} bad training samples skipped so far:\n  "
+                                + "\n  ".join(self.train_stats.problems()))
+
+    def log_eval(self, result, examples, val_bad: int) -> None:
+        from unetseg.runstate import append_jsonl
+        from unetseg.tracking import log_predictions, tracker_metrics
+
+        run, ts = self.run, self.run.state
+        self.last_table = str(result)
+        if not run.main:
+            return
+        metrics = result.to_dict()
+        # The lr of the step just taken (the schedule is a function of the step number).
+        lr = run.scheduler.base_lrs[0] * run.scheduler.lr_lambdas[0](max(0, ts.step - 1))
+        append_jsonl(self.path, {"step": ts.step, "epoch": max(0, ts.step - 1) // run.data.steps_per_epoch, "lr": lr,
+                                 **metrics, "val_bad_samples": val_bad, "bad_samples": self.bad,
+                                 "best_mIoU": ts.best_miou})
+        run.accelerator.log(tracker_metrics(metrics, self.bad), step=ts.step)
+        tf = run.data.train_tf.config
+        log_predictions(run.accelerator, examples, run.data.classes, tf.mean, tf.std, ts.step)
+        self.progress.print(f"step {ts.step}: val mIoU {pct(metrics['mIoU'])} (best {pct(ts.best_miou)} "
+                            f"at step {ts.best_step})")
+
+    def close(self) -> None:
+        self.progress.close()

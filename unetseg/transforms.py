@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as nnf
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -27,7 +28,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _size_pair(value: int | tuple[int, int] | list[int] | None, name: str) -> tuple[int, int] | None:
+def size_pair(value: int | tuple[int, int] | list[int] | None, name: str) -> tuple[int, int] | None:
     if value is None:
         return None
     pair = (value, value) if isinstance(value, int) else tuple(value)
@@ -89,8 +90,8 @@ class TrainTransform:
     optional colour jitter, normalisation."""
 
     def __init__(self, config: TrainTransformConfig, ignore_index: int | None):
-        crop = _size_pair(config.crop_size, "crop size")
-        resize = _size_pair(config.resize, "resize")
+        crop = size_pair(config.crop_size, "crop size")
+        resize = size_pair(config.resize, "resize")
         lo, hi = config.scale_range
         if not 0 < lo <= hi:
             raise UnetsegError(f"scale range {config.scale_range}: need 0 < min <= max. Fix: use e.g. 0.5,2.0")
@@ -131,20 +132,35 @@ class EvalTransformConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
+def eval_input(image: torch.Tensor, resize: tuple[int, int] | None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """What the network sees at evaluation and prediction: uint8 RGB ``(..., 3, H, W)``,
+    resized to ``resize`` when the model was trained so, scaled to [0, 1] and normalised.
+    ``unetseg evaluate`` (in loader workers) and ``unetseg predict`` (on the device) both
+    call this, so a prediction is made exactly as the model was scored."""
+    if resize is not None:
+        image = F.resize(image, list(resize), antialias=True)
+    return F.normalize(F.to_dtype(image, torch.float32, scale=True), list(mean), list(std))
+
+
+def resize_logits(logits: torch.Tensor, size) -> torch.Tensor:
+    """Logits ``(N, C, h, w)`` at another size, in float32, before the argmax: the metrics
+    and the predictions of a model fed resized images are made at the original size."""
+    return nnf.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
 class EvalTransform:
-    """Deterministic: normalisation, and a resize of the image only when ``resize`` is set
-    (the mask then stays at full resolution for the metrics; a nearest-resized copy is
-    returned for losses)."""
+    """Deterministic: :func:`eval_input` for the image; the mask keeps its labels (a
+    nearest-resized copy when ``resize`` is set, for losses: the metrics use the mask at
+    full resolution)."""
 
     def __init__(self, config: EvalTransformConfig, ignore_index: int | None = None):
         self.config = config
-        self.resize = _size_pair(config.resize, "eval resize")
-        self.normalize = v2.Compose(_to_float_normalized(config.mean, config.std))
+        self.resize = size_pair(config.resize, "eval resize")
 
     def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[torch.Tensor, torch.Tensor]:
         if self.resize is not None:
-            image, mask = F.resize(image, list(self.resize), antialias=True), F.resize(mask, list(self.resize))
-        return self.normalize(image, mask)
+            mask = F.resize(mask, list(self.resize))
+        return eval_input(image, self.resize, self.config.mean, self.config.std), mask.to(torch.int64)
 
     def __repr__(self) -> str:
         return f"EvalTransform(resize={self.resize})"

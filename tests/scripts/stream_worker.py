@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from unetseg.stream import EvalStream, StreamStats, TrainStream, batches_per_epoch, iterate, make_loader, open_source
+from unetseg.badsamples import StreamStats
+from unetseg.sources import open_source
+from unetseg.stream import EvalStream, TrainStream, batches_per_epoch, iterate, make_loader
 from unetseg.transforms import EvalTransform, EvalTransformConfig, TrainTransform, TrainTransformConfig
 
 dist.init_process_group("gloo")

@@ -24,7 +24,7 @@ import accelerate
 import torch
 
 import unetseg.checkpoint as checkpoint
-import unetseg.evaluate as evaluate
+import unetseg.scoring as scoring
 import unetseg.stream as stream
 from unetseg.train import main
 
@@ -90,7 +90,7 @@ if os.environ.get("STALE_CHECKPOINT_VIEW_RANK") == rank:
 
 if "SIGTERM_IN_EVAL" in os.environ:
     nth = int(os.environ["SIGTERM_IN_EVAL"])
-    original_cm = evaluate.confusion_matrix
+    original_cm = scoring.confusion_matrix
     evaluations = [0]
 
     def confusion_matrix(model, batches, *a, **kw):
@@ -104,6 +104,6 @@ if "SIGTERM_IN_EVAL" in os.environ:
 
         return original_cm(model, signalling(), *a, **kw)
 
-    evaluate.confusion_matrix = confusion_matrix
+    scoring.confusion_matrix = confusion_matrix
 
 main(args)

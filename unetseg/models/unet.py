@@ -1,94 +1,59 @@
-"""A plain U-Net (``torch.nn.Module``): no distributed code, paste it into a notebook.
+"""The U-Net: a plain ``torch.nn.Module`` (no distributed code; paste it into a notebook)
+and its options, registered as model ``unet``.
 
->>> model = UNet(UNetConfig(num_classes=10))
+>>> model = UNet(UNetConfig(num_classes=10, width=32))
 >>> model.describe()
 'UNet depth=4 width=32 norm=batch upsample=transpose num_classes=10: 7.76M parameters'
 >>> model(torch.zeros(2, 3, 100, 75)).shape   # any size: padded inside, cropped back
 torch.Size([2, 10, 100, 75])
 
-``UNetConfig.to_dict()`` gives plain JSON/YAML types; ``UNet.from_config_dict(d)``
-rebuilds the same architecture (load the weights with ``load_state_dict``).
+``UNetConfig`` is the one definition of the architecture's options: the ``model``
+section of a training config, the ``--model-*`` flags and a saved model's
+``config.yaml`` all come from it. ``UNetConfig.to_dict()`` gives plain JSON/YAML types;
+``UNet.from_config_dict(d)`` rebuilds the same architecture (load the weights with
+``load_state_dict``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
-from unetseg.errors import UnetsegError
+from unetseg.models import ModelConfigError, ModelOptions, register_model
 
 NORMS = ("batch", "group", "none")
 UPSAMPLES = ("transpose", "bilinear")
 
 
-class ModelConfigError(UnetsegError, ValueError):
-    """An invalid model configuration; the message names the value and the fix."""
-
-
-@dataclass(kw_only=True)
-class UNetConfig:
+class UNetConfig(ModelOptions):
     """The architecture of a :class:`UNet`; every field is a plain int/float/str."""
 
-    num_classes: int
-    """Output channels (logits per pixel); 1 or more."""
-    in_channels: int = 3
-    """Input image channels (3 for RGB)."""
-    depth: int = 4
-    """Number of 2x downsamplings (and upsamplings); the bottleneck runs at 1/2**depth."""
-    width: int = 32
-    """Channels of the first level; level i has ``width * 2**i`` (the bottleneck is level ``depth``)."""
-    max_width: int | None = None
-    """Optional cap on the channels of any level (None: no cap)."""
-    norm: Literal["batch", "group", "none"] = "batch"
-    """Normalisation after each 3x3 conv: BatchNorm2d, GroupNorm (gcd(32, C) groups) or none."""
-    dropout: float = 0.0
-    """Dropout2d probability in [0, 1), applied at the end of the bottleneck and of every decoder block."""
-    upsample: Literal["transpose", "bilinear"] = "transpose"
-    """"transpose": ConvTranspose2d(k=2, s=2); "bilinear": bilinear x2 then a 1x1 conv halving channels."""
+    name: str = Field("unet", description="Model architecture, by its registered name (unetseg.models).")
+    depth: int = Field(4, ge=1, le=8, description="Number of down/up levels; the input is padded to a multiple of 2**depth.")
+    width: int = Field(16, ge=1, description="Channels of the first U-Net level (doubling at each level).")
+    max_width: int | None = Field(None, ge=1, description="Cap on the channels of any level (none: no cap).")
+    norm: Literal["batch", "group", "none"] = Field(
+        "batch", description="Normalisation after each 3x3 conv: BatchNorm2d, GroupNorm (gcd(32, C) groups) or none.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout2d probability in the bottleneck and decoder.")
+    upsample: Literal["transpose", "bilinear"] = Field(
+        "transpose", description="Decoder upsampling: ConvTranspose2d(k=2, s=2), or bilinear x2 then a 1x1 conv.")
 
-    def __post_init__(self) -> None:
-        def check_int(name: str, low: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ModelConfigError(f"model {name}={value!r} is invalid: use an integer >= {low}")
-
-        for name in ("num_classes", "in_channels", "depth", "width"):
-            check_int(name, 1)
-        if self.depth > 8:
-            raise ModelConfigError(f"model depth={self.depth} is invalid: use 1..8 (the input is padded to a multiple of 2**depth)")
-        if self.max_width is not None:
-            check_int("max_width", self.width)
-        if self.norm not in NORMS:
-            raise ModelConfigError(f"model norm={self.norm!r} is invalid: use one of {', '.join(NORMS)}")
-        if self.upsample not in UPSAMPLES:
-            raise ModelConfigError(f"model upsample={self.upsample!r} is invalid: use one of {', '.join(UPSAMPLES)}")
-        d = self.dropout
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
-            raise ModelConfigError(f"model dropout={d!r} is invalid: use a probability in [0, 1), e.g. 0.0 or 0.1")
-        self.dropout = float(d)
+    @model_validator(mode="after")
+    def _cap_above_width(self) -> UNetConfig:
+        if self.max_width is not None and self.max_width < self.width:
+            raise ValueError(f"max_width={self.max_width} is less than width={self.width}; "
+                             "use a max_width >= width, or none")
+        return self
 
     def channels(self, level: int) -> int:
         """Channels at ``level`` (0 = full resolution, ``depth`` = bottleneck)."""
         c = self.width * 2**level
         return c if self.max_width is None else min(c, self.max_width)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ModelConfigError(f"unknown model config keys {unknown}: use only {sorted(known)}")
-        if "num_classes" not in d:
-            raise ModelConfigError("model config has no num_classes: add the number of classes")
-        return cls(**d)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -120,6 +85,7 @@ def _upsampler(kind: str, cin: int, cout: int) -> nn.Module:
     )
 
 
+@register_model(UNetConfig)
 class UNet(nn.Module):
     """U-Net for semantic segmentation: (N, in_channels, H, W) -> logits (N, num_classes, H, W).
 
@@ -138,6 +104,9 @@ class UNet(nn.Module):
 
     def __init__(self, config: UNetConfig):
         super().__init__()
+        if config.num_classes is None:
+            raise ModelConfigError(["model.num_classes is not set"], "Python code",
+                                   "use UNetConfig(num_classes=...) or build_model(options, num_classes)")
         self.config = cfg = config
         self.pad_multiple = 2**cfg.depth
         ch = [cfg.channels(i) for i in range(cfg.depth + 1)]

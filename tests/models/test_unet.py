@@ -1,4 +1,4 @@
-"""Tests for unetseg.model: shapes at any size, padding/cropping, gradients, config
+"""Tests for unetseg.models.unet: shapes at any size, padding/cropping, gradients, config
 validation and round trip, a small overfit, channels_last, autocast and torch.compile."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from unetseg.errors import UnetsegError
-from unetseg.model import NORMS, UPSAMPLES, ModelConfigError, UNet, UNetConfig, format_count, num_parameters
+from unetseg.models.unet import NORMS, UPSAMPLES, ModelConfigError, UNet, UNetConfig, format_count, num_parameters
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -100,19 +100,19 @@ def test_gradients_reach_every_parameter(norm, upsample):
 @pytest.mark.parametrize(
     "kwargs, value",
     [
-        ({"depth": 0}, "depth=0"),
-        ({"depth": 9}, "depth=9"),
-        ({"width": 0}, "width=0"),
-        ({"num_classes": 0}, "num_classes=0"),
-        ({"in_channels": 0}, "in_channels=0"),
-        ({"width": 2.5}, "width=2.5"),
-        ({"depth": True}, "depth=True"),
+        ({"depth": 0}, "depth = 0"),
+        ({"depth": 9}, "depth = 9"),
+        ({"width": 0}, "width = 0"),
+        ({"num_classes": 0}, "num_classes = 0"),
+        ({"in_channels": 0}, "in_channels = 0"),
+        ({"width": 2.5}, "width = 2.5"),
+        ({"depth": True}, "depth = True"),
         ({"max_width": 16, "width": 32}, "max_width=16"),
-        ({"norm": "layer"}, "norm='layer'"),
-        ({"upsample": "nearest"}, "upsample='nearest'"),
-        ({"dropout": 1.0}, "dropout=1.0"),
-        ({"dropout": -0.1}, "dropout=-0.1"),
-        ({"dropout": "0.1"}, "dropout='0.1'"),
+        ({"norm": "layer"}, "norm = 'layer'"),
+        ({"upsample": "nearest"}, "upsample = 'nearest'"),
+        ({"dropout": 1.0}, "dropout = 1.0"),
+        ({"dropout": -0.1}, "dropout = -0.1"),
+        ({"dropout": "0.1"}, "dropout = '0.1'"),
     ],
 )
 def test_config_errors_name_the_value(kwargs, value):
@@ -166,7 +166,7 @@ def test_parameter_count_by_hand_and_describe():
     # transpose 8->4 k2: 128+4; decoder 8->4->4: (288+4)+(144+4); head 4->2: 8+2.
     model = UNet(UNetConfig(num_classes=2, width=4, depth=1, norm="none"))
     assert num_parameters(model) == 260 + 880 + 132 + 440 + 10
-    default = UNet(UNetConfig(num_classes=10))
+    default = UNet(UNetConfig(num_classes=10, width=32))
     assert num_parameters(default) == 7_763_338
     assert default.describe() == "UNet depth=4 width=32 norm=batch upsample=transpose num_classes=10: 7.76M parameters"
     assert model.summary().endswith(": 1.72K parameters")

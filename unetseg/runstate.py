@@ -1,0 +1,147 @@
+"""What a run leaves on disk and how a resumed run finds its place: the run dir and the
+checkpoint to start from, the state saved with every checkpoint, the setup a resume must
+match, the run's config files, and ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from unetseg.checkpoint import STATE_FILE
+from unetseg.config import TrainConfig
+from unetseg.errors import UnetsegError
+from unetseg.runtime import on_main
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    """Optimiser steps taken; the stream has handed out ``step * grad_accum`` micro-batches."""
+    best_miou: float | None = None
+    best_step: int | None = None
+    nonfinite_streak: int = 0
+    tracker_run_id: str | None = None
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    pending_eval: bool = False
+    """The evaluation due at ``step`` did not complete (a stop cut it short): resume runs it first."""
+    setup: dict[str, Any] = field(default_factory=dict)
+    """What the data position depends on (see :func:`run_setup`); resume refuses another."""
+
+    @classmethod
+    def load(cls, checkpoint: Path) -> TrainerState:
+        data = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def choose_start(config: TrainConfig) -> tuple[Path, Path | None]:
+    """The run dir and the checkpoint to resume from (``None``: a fresh run), chosen by
+    the main process for every rank."""
+    from unetseg.checkpoint import latest_checkpoint, resolve_resume
+
+    rc = config.run
+
+    def choose() -> tuple[str, str | None]:
+        run_dir = Path(rc.output_dir or f"runs/{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        resume_from = resolve_resume(run_dir, rc.resume)
+        if rc.resume is None and latest_checkpoint(run_dir) is not None:
+            raise UnetsegError(
+                f"{run_dir} already holds checkpoints of a run. Fix: pass --resume auto to continue it, "
+                "or choose another --output-dir"
+            )
+        return str(run_dir), (str(resume_from) if resume_from else None)
+
+    run_dir, resume_from = on_main(choose)
+    return Path(run_dir), (Path(resume_from) if resume_from else None)
+
+
+def run_setup(config: TrainConfig, world: int, train_source, model_options: dict[str, Any]) -> dict[str, Any]:
+    """What the data position of a step depends on, as JSON types: resuming with any of
+    it changed would silently continue on other data (or fail to load)."""
+    dc = config.data
+    return json.loads(json.dumps({
+        "world_size": world,
+        "num_workers": dc.num_workers,
+        "batch_size": dc.batch_size,
+        "grad_accum": config.optim.grad_accum,
+        "seed": config.run.seed,
+        "shuffle_buffer": dc.shuffle_buffer,
+        "train_split": dc.train_split,
+        "train_shards": [[url.rsplit("/", 1)[-1], n] for url, n in zip(train_source.urls, train_source.counts)],
+        "model": model_options,
+    }))
+
+
+# How to give each setting its original value back.
+SETUP_FIX = {
+    "world_size": "launch the same number of processes (accelerate launch --num_processes N)",
+    "num_workers": "--num-workers", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "seed": "--seed",
+    "shuffle_buffer": "--shuffle-buffer", "train_split": "--train-split",
+    "train_shards": "--data with the same training shards", "model": "the same --model-* options",
+}
+
+
+def check_setup(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume ``checkpoint`` with another setup (checkpoints of older versions
+    record none and are not checked)."""
+    saved = dict(saved)
+    if isinstance(saved.get("model"), dict) and "name" not in saved["model"]:
+        saved["model"] = {"name": "unet", **saved["model"]}  # recorded before the model registry
+    changed = [key for key in current if key in saved and saved[key] != current[key]]
+    if not changed:
+        return
+
+    def short(value: Any) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    lines = [f"  - {key}: {short(saved[key])} when the run started, {short(current[key])} now "
+             f"(fix: {SETUP_FIX[key]})" for key in changed]
+    raise UnetsegError(
+        f"cannot resume from {checkpoint}: what the data order depends on has changed:\n" + "\n".join(lines) +
+        "\nFix: resume with the run's original settings (its config.yaml), or start a new run in another --output-dir"
+    )
+
+
+def write_run_files(run_dir: Path, config: TrainConfig, info, resumed_at: int | None) -> None:
+    """``config.yaml`` and ``dataset.json`` of a new run. A resumed run keeps the original
+    ``config.yaml``; a resume with other options writes them to
+    ``config.resumed-step-NNNNNNNN.yaml`` beside it."""
+    from unetseg.checkpoint import write_text_atomic
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    original = run_dir / "config.yaml"
+    if resumed_at is None or not original.is_file():
+        write_text_atomic(original, config.to_yaml())
+        write_text_atomic(run_dir / "dataset.json", info.to_json())
+        return
+    before = TrainConfig.load(original).to_dict()
+    now = config.to_dict()
+    before["run"]["resume"] = now["run"]["resume"]
+    if before != now:
+        write_text_atomic(run_dir / f"config.resumed-step-{resumed_at:08d}.yaml", config.to_yaml())
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, step: int, pending_eval: bool = False) -> None:
+    """Drop lines logged after ``step`` (by a run that died after its last checkpoint), and
+    the evaluation at ``step`` when it is to be run again."""
+    from unetseg.checkpoint import write_text_atomic
+
+    if not path.is_file():
+        return
+    kept = [r for r in read_jsonl(path) if r["step"] < step or (r["step"] == step and not (pending_eval and "mIoU" in r))]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -1,0 +1,99 @@
+"""Scoring a model: the loop that turns batches into a (per-process) confusion matrix, and
+test-time augmentation around a model. Training's periodic evaluation and
+``unetseg evaluate`` both score through :func:`confusion_matrix`, so they count the same
+pixels the same way.
+
+Metrics are computed at the original mask resolution: with full-resolution evaluation
+the padded pixels of a batch carry the ignore label; with ``eval_resize`` the logits of
+each sample are resized back to its original mask before the argmax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unetseg.batch import BatchHook
+from unetseg.errors import UnetsegError
+from unetseg.metrics import ConfusionMatrix
+from unetseg.transforms import resize_logits
+
+TTA_MODES = ("none", "flip", "multiscale")
+MULTISCALE = (0.75, 1.0, 1.25)
+
+
+class TTA(nn.Module):
+    """Test-time augmentation around a segmentation model: returns class probabilities
+    averaged over the horizontal flip (``flip``), or over the flip at scales 0.75, 1 and
+    1.25 (``multiscale``); ``none`` returns the model's logits unchanged."""
+
+    def __init__(self, model: nn.Module, mode: str = "none"):
+        super().__init__()
+        if mode not in TTA_MODES:
+            raise UnetsegError(f"--tta {mode!r}: unknown. Fix: use one of {', '.join(TTA_MODES)}")
+        self.model, self.mode = model, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":
+            return self.model(x)
+        size = x.shape[-2:]
+        scales = MULTISCALE if self.mode == "multiscale" else (1.0,)
+        total = None
+        for scale in scales:
+            xs = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+            for flip in (False, True):
+                inp = xs.flip(-1) if flip else xs
+                logits = self.model(inp).float()
+                logits = logits.flip(-1) if flip else logits
+                if scale != 1.0:
+                    logits = resize_logits(logits, size)
+                probs = logits.softmax(1)
+                total = probs if total is None else total + probs
+        return total / (2 * len(scales))
+
+
+@torch.no_grad()
+def confusion_matrix(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, Any]],
+    num_classes: int,
+    ignore_index: int | None,
+    class_names: list[str] | None = None,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    keep: int = 0,
+    hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> tuple[ConfusionMatrix, list[dict[str, torch.Tensor]]]:
+    """This process's (not yet reduced) confusion matrix over ``batches``, and up to
+    ``keep`` examples (normalised image, prediction, target) for pictures.
+
+    ``hook`` brings each batch to the device (default: a plain :class:`BatchHook` on
+    ``device``); training passes its own, so evaluation sees batches as training does."""
+    hook = hook or BatchHook(device)
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index, class_names)
+    examples: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        batch = hook(batch)
+        image, target = batch["image"], batch["mask"]
+        with autocast():
+            logits = model(image)
+        pred = logits.argmax(1)
+        if "full_mask" in batch:
+            for i, full_target in enumerate(batch["full_mask"]):
+                full_target = full_target.to(image.device, non_blocking=True)
+                full = resize_logits(logits[i : i + 1], full_target.shape[-2:])
+                cm.update(full.argmax(1), full_target.unsqueeze(0))
+        else:
+            cm.update(pred, target)  # batch padding carries the ignore label
+        for i in range(min(keep - len(examples), len(pred))):
+            h, w = pred.shape[-2:] if "full_mask" in batch else batch["sizes"][i]
+            examples.append({"image": image[i, :, :h, :w].cpu(), "pred": pred[i, :h, :w].cpu(), "target": target[i, :h, :w].cpu()})
+    model.train(was_training)
+    return cm, examples

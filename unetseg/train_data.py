@@ -1,0 +1,125 @@
+"""What training reads: the training and validation shards (the embedded synthetic set by
+default), the augmentation of each, and the loaders that stream them to every rank.
+
+Validation never reads a training shard, and its classes must be the training data's:
+both are checked before anything is trained.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unetseg.config import TrainConfig
+from unetseg.errors import UnetsegError
+
+DEFAULT_DATA = "shards/synthetic"
+
+
+@dataclass
+class TrainData:
+    """The shards and transforms of a run, and how many optimiser steps make an epoch."""
+
+    train: Any
+    """The training :class:`~unetseg.sources.Source`."""
+    val: Any
+    """The validation :class:`~unetseg.sources.Source`."""
+    train_tf: Any
+    eval_tf: Any
+    steps_per_epoch: int
+
+    @property
+    def info(self):
+        return self.train.info
+
+    @property
+    def classes(self):
+        return self.train.info.classes
+
+
+def most_common_size(image_sizes: dict[str, int]) -> list[int]:
+    size = Counter(image_sizes).most_common(1)[0][0]
+    return [int(v) for v in size.split("x")]
+
+
+def ensure_default_data(config: TrainConfig, state) -> str:
+    """``--data``, or the embedded synthetic set (generated once, by the main process)."""
+    if config.data.data:
+        return config.data.data
+    if state.is_main_process and not (Path(DEFAULT_DATA) / "dataset.json").is_file():
+        from unetseg.synth import synth
+
+        print(f"generating the embedded synthetic dataset in {DEFAULT_DATA} ...", flush=True)
+        synth(DEFAULT_DATA, overwrite=True, progress=False)
+    state.wait_for_everyone()
+    return DEFAULT_DATA
+
+
+def open_sources(config: TrainConfig, data: str):
+    """The training and validation shards. The validation split comes from ``--val-data``,
+    else from the same folder as the training shards (for a pattern: the shards
+    dataset.json lists under the validation split); never from the training shards."""
+    from unetseg.sources import open_source, sibling_split
+
+    dc = config.data
+    train = open_source(data, dc.train_split, dc.dataset_json)
+    val = open_source(dc.val_data, dc.val_split, dc.dataset_json) if dc.val_data else sibling_split(train, dc.val_split)
+    if train.num_samples is None:
+        raise UnetsegError(f"{data}: the training shards' sample counts are unknown. Fix: use shard names listed in dataset.json")
+    shared = sorted(set(train.urls) & set(val.urls))
+    if shared:
+        raise UnetsegError(
+            f"{shared[0]}{f' and {len(shared) - 1} more' if len(shared) > 1 else ''} would be read for training and "
+            "for validation, so the validation score would be measured on training data. "
+            "Fix: pass --val-data with the validation shards"
+        )
+    a, b = train.info.classes, val.info.classes
+    if (a.names, a.ignore_index) != (b.names, b.ignore_index):
+        raise UnetsegError(
+            f"{dc.val_data}: classes {b.names} (ignore_index {b.ignore_index}) differ from the training data's "
+            f"{a.names} (ignore_index {a.ignore_index}). Fix: validate on shards packed with the same classes.json"
+        )
+    if val.num_samples == 0:
+        raise UnetsegError(f"{val.describe()} has no samples to evaluate on. Fix: pack a validation split "
+                           "(e.g. `unetseg pack --val-fraction 0.1`), or pass --val-data")
+    return train, val
+
+
+def open_train_data(config: TrainConfig, state) -> TrainData:
+    """The run's shards and transforms; an epoch is counted in samples over all ranks."""
+    from unetseg.stream import batches_per_epoch
+    from unetseg.transforms import EvalTransform, EvalTransformConfig, TrainTransform, TrainTransformConfig
+
+    dc = config.data
+    train, val = open_sources(config, ensure_default_data(config, state))
+    classes = train.info.classes
+    crop = dc.crop_size or most_common_size(train.info.split(dc.train_split).image_sizes)
+    train_tf = TrainTransform(TrainTransformConfig(crop_size=crop, resize=dc.resize, scale_range=tuple(dc.scale_range),
+                                                   hflip=dc.hflip, jitter=dc.jitter), classes.ignore_label)
+    eval_tf = EvalTransform(EvalTransformConfig(resize=dc.eval_resize))
+    steps = batches_per_epoch(train.num_samples, dc.batch_size * config.optim.grad_accum, state.num_processes)
+    return TrainData(train, val, train_tf, eval_tf, steps)
+
+
+def train_batches(config: TrainConfig, data: TrainData, rank: int, world: int, start_step: int, stats) -> Iterator[dict[str, Any]]:
+    """This rank's training batches from optimiser step ``start_step`` on (exact on resume)."""
+    from unetseg.stream import TrainStream, iterate, make_loader
+
+    dc, accum = config.data, config.optim.grad_accum
+    stream = TrainStream(data.train, data.train_tf, dc.batch_size, batches_per_epoch=data.steps_per_epoch * accum,
+                         rank=rank, world_size=world, seed=config.run.seed, start_batch=start_step * accum,
+                         shuffle_buffer=dc.shuffle_buffer, max_bad_samples=dc.max_bad_samples)
+    return iterate(make_loader(stream, dc.num_workers), stats)
+
+
+def eval_loader(config: TrainConfig, data: TrainData, rank: int, world: int):
+    """This rank's share of the validation split, every sample once over all ranks."""
+    from unetseg.stream import EvalStream, make_loader
+
+    dc = config.data
+    stream = EvalStream(data.val, data.eval_tf, dc.eval_batch_size or dc.batch_size, rank=rank, world_size=world,
+                        max_bad_samples=dc.max_bad_samples)
+    return make_loader(stream, dc.num_workers)
