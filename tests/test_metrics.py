@@ -437,24 +437,6 @@ def test_reduce_without_process_group_is_a_marked_copy():
         reduced.update(torch.tensor([[0]]), torch.tensor([[0]]))
 
 
-def test_distributed_helpers_without_process_group():
-    tensor = torch.tensor([1, 2, 3])
-    assert distributed.all_reduce_sum(tensor) is tensor
-    assert tensor.tolist() == [1, 2, 3]
-    assert (distributed.get_rank(), distributed.get_world_size(), distributed.is_dist()) == (0, 1, False)
-
-
-@pytest.mark.parametrize(
-    ("backend", "device", "expected"),
-    [("gloo", "cpu", "gloo"), ("nccl", "cpu", "nccl"), ("cpu:gloo,cuda:nccl", "cpu", "gloo"),
-     ("cpu:gloo,cuda:nccl", "cuda", "nccl"), ("cuda:nccl", "cpu", None)],
-)  # fmt: skip
-def test_backend_for_device(monkeypatch, backend, device, expected):
-    # Decides whether all_reduce_sum stages a CPU tensor on the GPU for NCCL.
-    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
-    assert distributed._backend_for(device) == expected
-
-
 def test_reduce_through_a_one_process_gloo_group(tmp_path):
     # Exercises the packing and all-reduce path in-process; world size 1 leaves the sums as they are.
     cm = ConfusionMatrix(4, ignore_index=255)

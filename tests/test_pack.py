@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import NAMES, PALETTE, leftovers, make_folders, read_split, write_classes
-from unetseg.dataset import ClassInfo, DatasetInfo
+from unetseg.dataset import DatasetInfo
 from unetseg.errors import InputProblems, UnetsegError
 from unetseg.pack import pack
 
@@ -225,27 +225,3 @@ def test_existing_output_needs_overwrite(tmp_path):
     run_pack(tmp_path, overwrite=True, shard_size=1)
     assert DatasetInfo.load(tmp_path / "out").splits["train"].shards == ["train-000000.tar", "train-000001.tar"]
     assert leftovers(tmp_path) == []
-
-
-@pytest.mark.parametrize(
-    "data, message",
-    [
-        ({"names": ["a", "b"], "palette": [[0, 0, 0]]}, "1 colours for 2 names"),
-        ({"names": ["a", "b"], "ignore_index": 1}, "also the id of class 'b'"),
-        ({"names": ["a", "a"]}, "class names repeat"),
-        ({"names": []}, "non-empty list"),
-        ({"names": ["a"], "palette": [[0, 0, 300]]}, "integers 0..255"),
-        ({"names": ["a"], "colors": []}, "unknown keys"),
-    ],
-)
-def test_bad_classes_json_names_the_file_and_fix(tmp_path, data, message):
-    path = tmp_path / "classes.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(UnetsegError) as e:
-        ClassInfo.load(path)
-    assert message in str(e.value) and str(path) in str(e.value) and "Fix:" in str(e.value)
-
-
-def test_palette_is_optional():
-    info = ClassInfo.from_dict({"names": ["a", "b", "c"]})
-    assert len(info.palette) == 3 and len({tuple(c) for c in info.palette}) == 3 and info.ignore_index is None

@@ -1,0 +1,64 @@
+"""The scoring loop and test-time augmentation, on hand-made batches: what evaluate and
+training's validation both count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from unetseg.batch import BatchHook
+from unetseg.errors import UnetsegError
+from unetseg.scoring import TTA, confusion_matrix
+
+
+class Echo(nn.Module):
+    """Logits that are the image's first channels: the prediction is known in advance."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :2] * 10
+
+
+def test_every_pixel_but_the_ignored_is_counted_once():
+    image = torch.zeros(2, 3, 4, 4)
+    image[:, 1, :, :2] = 1.0  # left half class 1, right half class 0
+    mask = torch.zeros(2, 4, 4, dtype=torch.long)
+    mask[:, :, :2] = 1
+    mask[1, 0, :] = 255  # ignored
+    cm, _ = confusion_matrix(Echo(), [{"image": image, "mask": mask, "sizes": [(4, 4), (4, 4)]}], 2, 255)
+    matrix = cm.matrix
+    assert matrix.sum() == 2 * 16 - 4
+    assert matrix[0, 1] == 0 and matrix[1, 0] == 0
+
+
+def test_resized_logits_are_scored_against_the_full_mask():
+    image = torch.zeros(1, 3, 2, 2)
+    image[:, 1, :, 0] = 1.0  # left column class 1 at the network's size, right column class 0
+    image[:, 0] = 1.0 - image[:, 1]
+    full = torch.zeros(4, 4, dtype=torch.long)
+    full[:, :2] = 1  # left half class 1 at the original size
+    batch = {"image": image, "mask": torch.zeros(1, 2, 2, dtype=torch.long), "full_mask": [full]}
+    cm, _ = confusion_matrix(Echo(), [batch], 2, 255)
+    assert cm.matrix.sum() == 16 and torch.equal(cm.matrix.diag(), torch.tensor([8, 8]))
+
+
+def test_the_hook_is_applied_to_every_batch():
+    seen = []
+
+    def record(b):
+        seen.append(b["image"].shape)
+        return b
+
+    batch = {"image": torch.zeros(1, 3, 4, 4), "mask": torch.zeros(1, 4, 4, dtype=torch.long), "sizes": [(4, 4)]}
+    confusion_matrix(Echo(), [batch, batch], 2, 255, hook=BatchHook("cpu", steps=[record]))
+    assert len(seen) == 2
+
+
+def test_flip_tta_of_a_flip_symmetric_model_is_its_softmax():
+    model = nn.Conv2d(3, 4, 1)  # per-pixel: flipping the input flips the output
+    x = torch.randn(2, 3, 6, 10)
+    torch.testing.assert_close(TTA(model, "flip")(x), model(x).softmax(1))
+    assert TTA(model, "multiscale")(x).shape == (2, 4, 6, 10)
+    assert torch.equal(TTA(model, "none")(x), model(x))
+    with pytest.raises(UnetsegError, match="--tta 'rotate'"):
+        TTA(model, "rotate")
