@@ -104,3 +104,16 @@ def test_gpu_script_names_the_fix_when_data_is_missing(tmp_path):
                             timeout=120)
     assert result.returncode == 2
     assert str(tmp_path / "none") in result.stderr and "Fix:" in result.stderr
+
+
+def test_ab_train_compares_two_checkouts(tmp_path, syn):
+    """This checkout against itself: both sides train, and the ratio is of their medians."""
+    env = {**ENV, "BASE": str(REPO), "ROUNDS": "1", "PYTHON": sys.executable, "OUT": str(tmp_path / "ab")}
+    result = subprocess.run(["bash", "benchmarks/ab_train.sh", "--data", str(syn), "--max-steps", "4", "--log-every", "1",
+                             "--batch-size", "2", "--num-workers", "0", "--model-width", "4", "--model-depth", "2",
+                             "--crop-size", "32"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert positive(out["base_images_per_s"]) and positive(out["this_images_per_s"])
+    assert out["this_over_base"] == pytest.approx(out["this_images_per_s"] / out["base_images_per_s"], rel=0.01)
+    assert "base run 1: median" in result.stdout and "this run 1: median" in result.stdout
