@@ -1,10 +1,12 @@
 """The machinery every config section shares: a pydantic base class whose validation
 errors become one readable :class:`ConfigError`, and the coercions text needs.
 
-Values reach a config from three places: a YAML file, command-line flags (text) and
-Python code. The first two are coerced to the field's type (YAML 1.1 reads ``1e-3`` as
-a string; a flag is always text); Python code must pass values of the right type, so
-``UNetConfig(dropout="0.1")`` is a mistake reported as one, not silently converted.
+Values reach a config from a YAML file, command-line flags (text) and Python code.
+Text is coerced to the field's type (YAML 1.1 reads ``1e-3`` as a string; a flag is
+always text), and so are assignments (``config.optim.lr = "1e-3"``) and the mappings
+given to ``TrainConfig``: scripts pass their own arguments through that way. A section
+or model options class constructed directly in Python must get values of its types:
+``UNetConfig(dropout="0.1")`` is reported, as the dataclass it replaces did.
 Every problem found is reported at once, naming each key (and its flag when the value
 came from one), the value, what is allowed, where it came from, and the fix.
 
@@ -89,7 +91,7 @@ class Options(BaseModel):
         source, from_flags = _ORIGIN.get()
         token = _NESTED.set(True)
         try:
-            # Text from files and flags is coerced; Python code passes typed values.
+            # Text from files and flags is coerced; a direct construction in Python passes typed values.
             self.__pydantic_validator__.validate_python(data, self_instance=self, strict=source == PYTHON_SOURCE)
         except ValidationError as e:
             raise _config_error(e, type(self), data, source, from_flags) from None

@@ -2,7 +2,7 @@
 unetseg.train`` (any number of processes, GPUs or CPU) and ``unetseg train`` are this one
 entry point.
 
-Read it bottom up from :func:`train`, the loop: :func:`setup` builds a :class:`Run`
+Read it bottom up from :func:`train` and :func:`loop`: :func:`setup` builds a :class:`Run`
 (accelerator, data, model, optimiser, schedule, loss, and the step to resume from);
 :func:`train_step` takes one optimiser step over ``grad_accum`` micro-batches;
 evaluation every ``eval_every`` steps is :class:`~unetseg.validation.Validation`'s, the
@@ -282,24 +282,32 @@ def train(config: TrainConfig, batches: Iterator[dict[str, Any]] | None = None) 
     ``batches`` replaces the training stream (each a dict with ``image`` and ``mask``
     tensors), e.g. in-memory data for ``benchmarks/train_step.py``; the classes and the
     validation split still come from ``config.data``."""
+    stop = StopFlag()
+    stop.install()  # from the start: a stop during set-up is honoured after the first step
+    run = setup(config)
+    try:
+        if finished(run):  # resubmitted after its last step: nothing left but final/ (when a stop came first)
+            return finished_run(run)
+        return loop(run, stop, batches)
+    finally:
+        run.accelerator.end_training()
+
+
+def loop(run: Run, stop: StopFlag, batches: Iterator[dict[str, Any]] | None) -> dict[str, Any]:
+    """The training loop: step, log, evaluate, checkpoint, until the last step or a stop."""
     from unetseg.badsamples import StreamStats
     from unetseg.tracking import Reporter
     from unetseg.train_data import train_batches
     from unetseg.validation import Validation
 
-    stop = StopFlag()
-    stop.install()  # from the start: a stop during set-up is honoured after the first step
-    run = setup(config)
-    ts = run.state
-    if finished(run):  # resubmitted after its last step: nothing left but final/ (when a stop came first)
-        return finished_run(run)
+    ts, accelerator = run.state, run.accelerator
     start_reporting(run)
-    train_stats = StreamStats(config.data.max_bad_samples)
+    train_stats = StreamStats(run.config.data.max_bad_samples)
     if batches is None:
-        batches = train_batches(config, run.data, run.accelerator.process_index, run.accelerator.num_processes,
-                                ts.step, train_stats)
-    reporter = Reporter(run, train_stats)
-    validate = Validation(run, stop, reporter)
+        batches = train_batches(run.config, run.data, accelerator.process_index, accelerator.num_processes, ts.step,
+                                train_stats)
+    validate = Validation(run, stop)
+    reporter = validate.reporter = Reporter(run, train_stats)
     last_eval: dict[str, Any] | None = None
     stopped = False
     run.model.train()
@@ -321,17 +329,15 @@ def train(config: TrainConfig, batches: Iterator[dict[str, Any]] | None = None) 
             if ts.step % run.save_every == 0 or last_step or stopped:
                 save(run)
                 reporter.restart_clock()
-        reporter.close()
-        if stopped:
-            if run.main:
-                print(f"stopped by {stop.signal or 'a signal on another rank'} at step {ts.step}; "
-                      f"continue with --resume auto --output-dir {run.run_dir}", flush=True)
-        elif run.main:
-            finish(run, reporter, last_eval)
-        return (last_eval or {}) | {"stopped": stopped, "step": ts.step, "run_dir": str(run.run_dir)}
     finally:
         reporter.close()
-        run.accelerator.end_training()
+    if stopped:
+        if run.main:
+            print(f"stopped by {stop.signal or 'a signal on another rank'} at step {ts.step}; "
+                  f"continue with --resume auto --output-dir {run.run_dir}", flush=True)
+    elif run.main:
+        finish(run, reporter, last_eval)
+    return (last_eval or {}) | {"stopped": stopped, "step": ts.step, "run_dir": str(run.run_dir)}
 
 
 def finish(run: Run, reporter: Reporter, last_eval: dict[str, Any] | None) -> None:
@@ -350,18 +356,15 @@ def finished_run(run: Run) -> dict[str, Any]:
     from unetseg.checkpoint import save_model
 
     run_dir, ts = run.run_dir, run.state
-    try:
-        evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "mIoU" in r]
-        last = evals[-1] if evals else {}
-        if run.main:
-            if not (run_dir / "final" / WEIGHTS_FILE).is_file():
-                save_model(run_dir / "final", run.net, run.saved_config, run.data.info)
-            print(f"{run_dir} already finished at step {ts.step}: final val mIoU {pct(last.get('mIoU'))} "
-                  f"(best {pct(ts.best_miou)} at step {ts.best_step}); models in {run_dir / 'best'} and "
-                  f"{run_dir / 'final'}. Nothing to do", flush=True)
-        return last | {"stopped": False, "finished": True, "step": ts.step, "run_dir": str(run_dir)}
-    finally:
-        run.accelerator.end_training()
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "mIoU" in r]
+    last = evals[-1] if evals else {}
+    if run.main:
+        if not (run_dir / "final" / WEIGHTS_FILE).is_file():
+            save_model(run_dir / "final", run.net, run.saved_config, run.data.info)
+        print(f"{run_dir} already finished at step {ts.step}: final val mIoU {pct(last.get('mIoU'))} "
+              f"(best {pct(ts.best_miou)} at step {ts.best_step}); models in {run_dir / 'best'} and "
+              f"{run_dir / 'final'}. Nothing to do", flush=True)
+    return last | {"stopped": False, "finished": True, "step": ts.step, "run_dir": str(run_dir)}
 
 
 def main(argv: list[str] | None = None) -> None:

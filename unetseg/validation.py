@@ -22,10 +22,11 @@ class Validation:
     take minutes, longer than a launcher waits after SIGTERM): then it returns ``None`` on
     every rank and the checkpoint records that it is still due."""
 
-    def __init__(self, run: Run, stop: StopFlag, reporter: Reporter):
+    def __init__(self, run: Run, stop: StopFlag, reporter: Reporter | None = None):
         from unetseg.train_data import eval_loader
 
-        self.run, self.stop, self.reporter = run, stop, reporter
+        self.run, self.stop = run, stop
+        self.reporter = reporter  # where results are logged; the loop sets it once the eval loader exists
         accelerator = run.accelerator
         self.loader = eval_loader(run.config, run.data, accelerator.process_index, accelerator.num_processes)
 
