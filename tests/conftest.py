@@ -186,12 +186,17 @@ def eval_keys(source, workers=0, rank=0, world=1, resize=None) -> list[str]:
     return [k for b in iterate(make_loader(stream, workers), StreamStats()) for k in b["keys"]]
 
 
-def train_stream(source, workers=0, start=0, seed=0, per_epoch=5, crop=16, stats=None, **kw):
-    """Batches of a training stream of ``source`` with small crops and a small buffer."""
+def train_stream(source, workers=0, start=0, seed=0, per_epoch=None, crop=16, stats=None, batch_size=3, **kw):
+    """Batches of a training stream of ``source`` with small crops and a small buffer
+    (``per_epoch``: default, the whole split's worth)."""
     from unetseg.badsamples import StreamStats
-    from unetseg.stream import TrainStream, iterate, make_loader
+    from unetseg.stream import TrainStream, batches_per_epoch, iterate, make_loader
     from unetseg.transforms import TrainTransform, TrainTransformConfig
 
+    if per_epoch is None:
+        per_epoch = batches_per_epoch(source.num_samples, batch_size, kw.get("world_size", 1))
+
     t = TrainTransform(TrainTransformConfig(crop_size=crop, jitter=0.3), source.info.classes.ignore_label)
-    stream = TrainStream(source, t, 3, batches_per_epoch=per_epoch, seed=seed, start_batch=start, shuffle_buffer=8, **kw)
+    stream = TrainStream(source, t, batch_size, batches_per_epoch=per_epoch, seed=seed, start_batch=start, shuffle_buffer=8,
+                         **kw)
     return iterate(make_loader(stream, workers), stats or StreamStats(kw.get("max_bad_samples", 10)))

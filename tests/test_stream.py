@@ -19,7 +19,7 @@ from unetseg.dataset import DatasetInfo
 from unetseg.errors import UnetsegError
 from unetseg.shards import iter_shard, shard_name
 from unetseg.sources import open_source
-from unetseg.stream import EvalStream, TrainStream, iterate, make_loader, reader_range
+from unetseg.stream import EvalStream, TrainStream, batches_per_epoch, iterate, make_loader, reader_range
 from unetseg.transforms import EvalTransform, EvalTransformConfig, TrainTransform, TrainTransformConfig
 
 
@@ -63,10 +63,40 @@ def test_exact_once_over_two_processes_any_shard_layout(tmp_path):
                 key = f"eval|{folder}|{workers}|{counts}"
                 union = ranks[0][key] + ranks[1][key]
                 assert sorted(union) == expected, (key, ranks[0][key], ranks[1][key])  # all, none twice
-        train = [r[f"train|{folder}"] for r in ranks]
-        assert train[0]["per_epoch"] == train[1]["per_epoch"] == 4  # ceil(13 / (2 * 2))
-        assert len(train[0]["batches"]) == len(train[1]["batches"]) == 8
-        assert train[0]["batches"] != train[1]["batches"]  # ranks draw different data
+        for workers in (0, 2):
+            train = [r[f"train|{folder}|{workers}"] for r in ranks]
+            assert train[0]["per_epoch"] == train[1]["per_epoch"] == 3  # 13 // 2 ranks // batch 2
+            assert len(train[0]["batches"]) == len(train[1]["batches"]) == 6
+            epochs = [[k for r in train for b in r["batches"][e * 3:(e + 1) * 3] for k in b] for e in (0, 1)]
+            for keys in epochs:  # every sample at most once per epoch, all but fewer than 2 x (2 + 1)
+                assert len(keys) == len(set(keys)) == 12 and set(keys) <= set(all_keys(folder, "train"))
+            assert epochs[0] != epochs[1]  # shuffled anew each epoch
+
+
+@pytest.mark.parametrize("sizes", [[13], [5, 5, 3], [1, 1, 1, 1, 1, 1, 1, 6]], ids=["1 shard", "3 shards", "8 shards"])
+def test_an_epoch_visits_every_sample_at_most_once_with_equal_batches_per_rank(tmp_path, sizes):
+    """{1, 3, 8} shards x {1, 2} ranks x {0, 2} workers: the ranks' streams are built here
+    (one TrainStream per rank, as each process builds its own); the 2-process test above
+    runs two of these cases in real processes."""
+    folder = make(tmp_path, "s", train=13, val=1)
+    reshard(folder, "train", sizes)
+    source = open_source(folder, "train")
+    everything = set(all_keys(folder, "train"))
+    for world in (1, 2):
+        per_epoch = batches_per_epoch(source.num_samples, 2, world)
+        assert per_epoch == 13 // world // 2
+        for workers in (0, 2):
+            streams = [train_stream(source, workers, per_epoch=per_epoch, batch_size=2, rank=r, world_size=world)
+                       for r in range(world)]
+            rank_batches = [[next(s)["keys"] for _ in range(3 * per_epoch)] for s in streams]  # three epochs
+            epochs = []
+            for e in range(3):
+                keys = [k for batches in rank_batches for b in batches[e * per_epoch:(e + 1) * per_epoch] for k in b]
+                assert len(keys) == len(set(keys)) == world * per_epoch * 2, (world, workers, e)  # none twice
+                assert len(everything - set(keys)) < world * (2 + 1)  # all but fewer than a step per rank
+                assert set(keys) <= everything
+                epochs.append(keys)
+            assert epochs[0] != epochs[1] != epochs[2]  # shuffled anew each epoch
 
 
 def test_reader_ranges_tile_the_split():
@@ -117,7 +147,7 @@ def test_train_stream_is_deterministic_and_resumes_at_any_batch(tmp_path):
         for b in straight:
             nb = next(again)
             assert nb["keys"] == b["keys"] and torch.equal(nb["image"], b["image"]) and torch.equal(nb["mask"], b["mask"])
-        for k in (3, 5, 8):  # mid-epoch, at an epoch boundary, in the second epoch (5 batches per epoch)
+        for k in (2, 3, 7):  # mid-epoch, at an epoch boundary, in the third epoch (3 batches per epoch)
             resumed = train_stream(source, workers, start=k)
             for b in straight[k:]:
                 nb = next(resumed)

@@ -5,22 +5,25 @@ augment, batch, and the seeds that make it reproducible) and the DataLoader with
 workers' signals. Where shards are: :mod:`unetseg.sources`; counting bad samples: :mod:`unetseg.badsamples`.
 
 Training stream (:class:`TrainStream`)
-    Infinite and resampled: every DataLoader worker of every rank runs its own seeded
-    stream that picks shards at random (with replacement), reads them through a shuffle
-    buffer, decodes and augments in the worker, and batches. A rank's batches come from
-    its workers in turn, so with ``batches_per_epoch`` the same on every rank no rank
-    ever waits for another at the end of an epoch. The stream never ends: an epoch is
-    just the next ``batches_per_epoch`` batches, so no worker restarts between epochs and
-    no per-worker epoch length has to be divided out.
+    Exact epochs: an epoch visits every sample at most once, and all but fewer than a
+    step's worth per rank. Each epoch draws a shard order and a starting point from the
+    seed (the same on every rank), lays the split's samples out in that order, and cuts
+    it into one contiguous share per rank, each share cut again in proportion to the
+    batches each DataLoader worker serves (the DataLoader takes batches from its workers
+    in turn). A worker reads its share (any number of shards, or part of one: fewer
+    shards than readers work) through a shuffle buffer, decodes, augments and batches.
+    Every rank takes the same number of batches per epoch (:func:`batches_per_epoch`),
+    so no rank waits for another; the stream runs on from epoch to epoch without
+    restarting its workers.
 
     What is reproducible: for a given seed, world size, worker count, batch size,
     ``batches_per_epoch`` and data, batch *b* of rank *r* is always the same, and a
     stream started at ``start_batch=k`` yields exactly the batches a stream started at 0
-    yields from *k* on (resume mid-epoch). Each epoch of each (rank, worker) stream is
-    seeded from ``(seed, epoch, rank, stream)``, and each sample's augmentation from its
-    position in that stream. What is not: a different worker count or world size gives
-    other batches (they are different streams), and samples that fail to decode shift
-    the samples after them, so resume is exact only on data without bad samples.
+    yields from *k* on (resume mid-epoch). Each sample's augmentation is seeded by its
+    place in the epoch (epoch, rank, batch, slot in the batch). A sample that fails to
+    decode is skipped; when that leaves a worker short, it reads its share again, so
+    with bad samples an epoch may visit a sample twice, and resume is exact only on data
+    without bad samples.
 
 Evaluation stream (:class:`EvalStream`)
     Every sample of a split exactly once across all ranks and workers: with per-shard
@@ -37,7 +40,6 @@ Bad data
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import signal
@@ -129,6 +131,33 @@ def _read(urls: list[str], counts: list[int] | None, bad: BadLog, order: Iterato
             return
 
 
+def read_range(urls: list[str], counts: list[int], lo: int, hi: int, bad: BadLog) -> Iterator[dict[str, Any]]:
+    """Raw samples ``[lo, hi)`` of the shards ``urls`` read one after the other (``counts``
+    samples each): a range may start or end inside a shard, so any number of readers can
+    share any number of shards. Samples a shard cannot deliver are recorded as lost."""
+    offset = 0
+    for url, count in zip(urls, counts):
+        start, offset = offset, offset + count
+        if offset <= lo or start >= hi:
+            continue
+        seen, done, error = 0, False, "the shard holds fewer samples than dataset.json says"
+        try:
+            for j, sample in enumerate(iter_shard(url)):
+                if start + j >= hi:
+                    done = True
+                    break
+                seen = j + 1
+                if start + j >= lo:
+                    yield sample
+            done = done or seen >= count
+        except ShardReadError as e:
+            error = str(e).split(": ", 1)[-1]
+        if not done and start + seen < hi:
+            # Keyed by shard: every reader (and every epoch) that meets the loss records the
+            # same samples, counted once.
+            bad.add(f"{url}#tail", url, f"{count - seen} samples lost from sample {seen} on: {error}", n=count - seen)
+
+
 def _decode_or_log(sample: dict[str, Any], bad: BadLog) -> tuple[tv_tensors.Image, tv_tensors.Mask] | None:
     try:
         return decode_pair(sample)
@@ -140,9 +169,18 @@ def _decode_or_log(sample: dict[str, Any], bad: BadLog) -> tuple[tv_tensors.Imag
 # --- training -------------------------------------------------------------------------
 
 
-def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
-    """Batches each rank takes per epoch so that an epoch covers the split about once."""
-    return max(1, math.ceil(num_samples / (batch_size * world_size)))
+def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, grad_accum: int = 1) -> int:
+    """Batches each rank takes per epoch: the smallest rank's share of the split in whole
+    batches, trimmed to whole optimiser steps of ``grad_accum`` batches. An epoch then
+    visits every sample at most once and leaves out fewer than
+    ``world_size * (batch_size * grad_accum + 1)`` of them."""
+    per_rank = num_samples // world_size // batch_size // grad_accum * grad_accum
+    if per_rank < 1:
+        raise UnetsegError(
+            f"{num_samples} training samples cannot give each of {world_size} process(es) a step of "
+            f"{grad_accum} batch(es) of {batch_size}. Fix: lower --batch-size or --grad-accum, or use fewer processes"
+        )
+    return per_rank
 
 
 class TrainStream(IterableDataset):
@@ -172,39 +210,87 @@ class TrainStream(IterableDataset):
         if not source.urls or source.num_samples == 0:
             raise UnetsegError(f"{source.describe()} has no samples to train on. Fix: pack some into it, or pick "
                                "another split with --train-split")
+        if source.counts is None:
+            raise UnetsegError(f"{source.describe()}: the shards' sample counts are unknown, and an epoch needs them. "
+                               "Fix: use shard names listed in dataset.json")
+        if batches_per_epoch * batch_size > source.num_samples // world_size:
+            raise UnetsegError(f"{batches_per_epoch} batches of {batch_size} per epoch on each of {world_size} "
+                               f"process(es) need more than the {source.num_samples} samples of {source.describe()}. "
+                               "Fix: use unetseg.stream.batches_per_epoch")
 
-    def _samples(self, epoch: int, stream: int, bad: BadLog) -> Iterator[dict[str, Any]]:
-        """Raw samples of one (epoch, stream): resampled shards through a shuffle buffer."""
-        rng = random.Random(derive_seed(self.seed, epoch, self.rank, stream))
-        n = len(self.source.urls)
-        shard_order = iter(lambda: rng.randrange(n), None)  # endless picks, with replacement
-        buffer: list[dict[str, Any]] = []
-        for sample in _read(self.source.urls, self.source.counts, bad, shard_order):
-            buffer.append(sample)
-            if len(buffer) >= self.shuffle_buffer:
-                i = rng.randrange(len(buffer))
-                buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                yield buffer.pop()
+    def worker_range(self, epoch: int, worker: int, workers: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """The shard order of ``epoch`` and this worker's samples in it, as ``[lo, hi)``
+        ranges: the rank's share of the split, cut in proportion to the batches each of the
+        rank's workers serves (the DataLoader takes batches from its workers in turn). The
+        shard order and a starting point are drawn per epoch, so the samples an epoch leaves
+        out (fewer than a step's worth per rank) differ from epoch to epoch."""
+        rng = random.Random(derive_seed(self.seed, epoch, 0))  # the same on every rank
+        order = list(range(len(self.source.urls)))
+        rng.shuffle(order)
+        total = self.source.num_samples
+        start = rng.randrange(total)
+        rank_lo, _ = reader_range(total, self.rank, self.world_size)
+        before = sum(len(range(w, self.batches_per_epoch, workers)) for w in range(worker))
+        mine = len(range(worker, self.batches_per_epoch, workers))
+        lo = (start + rank_lo + before * self.batch_size) % total
+        hi = lo + mine * self.batch_size
+        ranges = [(lo, min(hi, total))] + ([(0, hi - total)] if hi > total else [])
+        return order, [(a, b) for a, b in ranges if b > a]
 
-    def _batches(self, epoch: int, stream: int, skip: int, bad: BadLog) -> Iterator[dict[str, Any]]:
-        """Batches of one (epoch, stream), from its ``skip``-th on; skipped ones are not decoded."""
+    def _samples(self, epoch: int, worker: int, workers: int, bad: BadLog) -> Iterator[dict[str, Any]]:
+        """Raw samples of one worker's share of one epoch, shuffled through a buffer. When bad
+        samples leave the share short, it is read again (a later pass, shuffled anew)."""
+        order, ranges = self.worker_range(epoch, worker, workers)
+        counts = [self.source.counts[i] for i in order]
+        urls = [self.source.urls[i] for i in order]
+        for cycle in range(1 << 30):
+            rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, cycle))
+            buffer: list[dict[str, Any]] = []
+            got = 0
+            for lo, hi in ranges:
+                for sample in read_range(urls, counts, lo, hi, bad):
+                    got += 1
+                    buffer.append(sample)
+                    if len(buffer) >= self.shuffle_buffer:
+                        i = rng.randrange(len(buffer))
+                        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                        yield buffer.pop()
+            rng.shuffle(buffer)
+            yield from buffer
+            if got == 0 or bad.stop:
+                if not bad.stop and ranges:
+                    bad.fatal = f"no sample of {self.source.describe()} could be read in epoch {epoch} ({ranges})"
+                return
+
+    def _batches(self, epoch: int, worker: int, workers: int, skip: int, bad: BadLog) -> Iterator[dict[str, Any]]:
+        """This worker's batches of ``epoch``, from its ``skip``-th on (skipped samples are
+        not decoded); it serves the rank's batches ``worker``, ``worker + workers``, ..."""
         images, masks, keys = [], [], []
-        position = 0
-        for sample in self._samples(epoch, stream, bad):
+        position = 0  # samples handed out (or skipped) so far: the place in the worker's share
+        batch_index = worker + skip * workers  # the rank's batch being filled
+        share = len(range(worker, self.batches_per_epoch, workers)) * self.batch_size
+        misses = 0  # undecodable samples in a row: a whole pass of them means none will do
+        for sample in self._samples(epoch, worker, workers, bad):
             if position < skip * self.batch_size:
                 position += 1
                 continue
             pair = _decode_or_log(sample, bad)
             if pair is None:
+                misses += 1
+                if misses > share and not bad.stop:
+                    bad.fatal = f"no sample of {self.source.describe()} in this worker's share of epoch {epoch} decodes"
                 if bad.stop:
                     yield bad.error_batch()
                     return
                 continue
+            misses = 0
             image, mask = pair
-            # Each sample's augmentation is seeded by its place in the stream, so it does
-            # not depend on what was skipped; fork_rng keeps the caller's RNG untouched.
+            # Each sample's augmentation is seeded by its place in the epoch (rank, batch,
+            # slot), so it does not depend on what was skipped or where it is augmented;
+            # fork_rng keeps the caller's RNG untouched.
             with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(derive_seed(self.seed, epoch, self.rank, stream, position, 1))
+                torch.default_generator.manual_seed(
+                    derive_seed(self.seed, epoch, self.rank, batch_index, len(images), 1))
                 image, mask = self.transform(image, mask)
             position += 1
             images.append(image)
@@ -214,6 +300,9 @@ class TrainStream(IterableDataset):
                 image_batch, mask_batch = collate(images, masks, self.pad_label)
                 yield bad.tag({"image": image_batch, "mask": mask_batch, "keys": keys})
                 images, masks, keys = [], [], []
+                batch_index += workers
+                if batch_index >= self.batches_per_epoch:
+                    return
         if bad.stop:
             yield bad.error_batch()
 
@@ -229,12 +318,11 @@ class TrainStream(IterableDataset):
         current, batches = None, iter(())
         while True:
             epoch, local = divmod(batch, per_epoch)
-            stream, index = local % workers, local // workers
-            if current != (epoch, stream):
-                current, batches = (epoch, stream), self._batches(epoch, stream, index, bad)
+            if current != epoch:  # this worker's first batch of the epoch
+                current, batches = epoch, self._batches(epoch, local % workers, workers, local // workers, bad)
             out = next(batches, None)
             if out is None:
-                return  # only after an error batch: the stream itself is endless
+                return  # only after an error batch: every epoch gives its batches
             yield out
             if "_error" in out:
                 return
@@ -276,26 +364,7 @@ class EvalStream(IterableDataset):
             yield from _read(urls, None, bad, iter(range(reader, len(urls), readers)))
             return
         lo, hi = reader_range(sum(counts), reader, readers)
-        offset = 0
-        for url, count in zip(urls, counts):
-            start, offset = offset, offset + count
-            if offset <= lo or start >= hi:
-                continue
-            expected = min(hi, offset) - max(lo, start)
-            delivered, error = 0, "the shard holds fewer samples than dataset.json says"
-            try:
-                for j, sample in enumerate(iter_shard(url)):
-                    if start + j >= hi:
-                        break
-                    if start + j >= lo:
-                        delivered += 1
-                        yield sample
-            except ShardReadError as e:
-                error = str(e).split(": ", 1)[-1]
-            if delivered < expected:
-                first = max(lo, start) - start + delivered
-                bad.add(f"{url}#tail@{first}", url, f"{expected - delivered} samples lost from sample {first} on: {error}",
-                        n=expected - delivered)
+        yield from read_range(urls, counts, lo, hi, bad)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

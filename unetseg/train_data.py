@@ -89,7 +89,8 @@ def open_sources(config: TrainConfig, data: str):
 
 
 def open_train_data(config: TrainConfig, state) -> TrainData:
-    """The run's shards and transforms; an epoch is counted in samples over all ranks."""
+    """The run's shards and transforms; an epoch visits every training sample at most once
+    (all but fewer than a step's worth per rank)."""
     from unetseg.stream import batches_per_epoch
     from unetseg.transforms import EvalTransform, EvalTransformConfig, TrainTransform, TrainTransformConfig
 
@@ -100,7 +101,8 @@ def open_train_data(config: TrainConfig, state) -> TrainData:
     train_tf = TrainTransform(TrainTransformConfig(crop_size=crop, resize=dc.resize, scale_range=tuple(dc.scale_range),
                                                    hflip=dc.hflip, jitter=dc.jitter), classes.ignore_label)
     eval_tf = EvalTransform(EvalTransformConfig(resize=dc.eval_resize))
-    steps = batches_per_epoch(train.num_samples, dc.batch_size * config.optim.grad_accum, state.num_processes)
+    accum = config.optim.grad_accum
+    steps = batches_per_epoch(train.num_samples, dc.batch_size, state.num_processes, accum) // accum
     return TrainData(train, val, train_tf, eval_tf, steps)
 
 

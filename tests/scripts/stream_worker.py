@@ -35,10 +35,12 @@ for folder in folders:
             results[f"eval|{folder}|{workers}|{counts}"] = keys
     source = open_source(folder, "train")
     per_epoch = batches_per_epoch(source.num_samples, 2, world)
-    stream = TrainStream(source, TrainTransform(TrainTransformConfig(crop_size=16), source.info.classes.ignore_index), 2,
-                         batches_per_epoch=per_epoch, rank=rank, world_size=world, seed=3, shuffle_buffer=4)
-    batches = iterate(make_loader(stream, 2), StreamStats())
-    results[f"train|{folder}"] = {"per_epoch": per_epoch, "batches": [next(batches)["keys"] for _ in range(2 * per_epoch)]}
+    for workers in (0, 2):
+        stream = TrainStream(source, TrainTransform(TrainTransformConfig(crop_size=16), source.info.classes.ignore_index),
+                             2, batches_per_epoch=per_epoch, rank=rank, world_size=world, seed=3, shuffle_buffer=4)
+        batches = iterate(make_loader(stream, workers), StreamStats())
+        results[f"train|{folder}|{workers}"] = {"per_epoch": per_epoch,
+                                                "batches": [next(batches)["keys"] for _ in range(2 * per_epoch)]}
 (out / f"rank{rank}.json").write_text(json.dumps(results))
 dist.barrier()
 dist.destroy_process_group()
