@@ -177,3 +177,11 @@ def test_unquoted_yaml_on_off_means_the_channels_last_choice(tmp_path, text, exp
     path = tmp_path / "c.yaml"
     path.write_text(f"run:\n  channels_last: {text}\n")
     assert build_config(str(path), {}).run.channels_last == expected
+
+
+@pytest.mark.parametrize("text, expected", [("on", "on"), ("true", "on"), ("false", "off"), ("auto", "auto")])
+def test_compile_is_auto_on_or_off_and_old_configs_with_a_bool_still_load(tmp_path, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run:\n  compile: {text}\n")  # runs saved before had compile: false
+    assert build_config(str(path), {}).run.compile == expected
+    assert TrainConfig().run.compile == "auto"

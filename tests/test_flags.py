@@ -91,7 +91,7 @@ def test_every_field_has_a_flag_with_help():
     assert by_flag["--val-data"].help.startswith("Shard folder, URL or pattern to evaluate on. Default: the val split")
     assert by_flag["--channels-last"].help.startswith("channels_last memory format for the model and batches. auto:")
     assert "\n" not in by_flag["--channels-last"].help
-    assert {f.flag for f in flags() if f.kind is bool} == {"--hflip", "--nesterov", "--compile", "--sync-bn"}
+    assert {f.flag for f in flags() if f.kind is bool} == {"--hflip", "--nesterov", "--sync-bn"}
     assert by_flag["--batch-size"].default == 16 and "Default: 16." in by_flag["--batch-size"].help_text
     assert by_flag["--model-norm"].allowed == "one of batch, group, none"
     assert by_flag["--lr"].allowed == "a number > 0"

@@ -9,7 +9,7 @@ from torch import nn
 
 from unetseg.batch import BatchHook
 from unetseg.errors import UnetsegError
-from unetseg.scoring import TTA, confusion_matrix
+from unetseg.scoring import TTA, FixedShape, confusion_matrix
 
 
 class Echo(nn.Module):
@@ -62,3 +62,28 @@ def test_flip_tta_of_a_flip_symmetric_model_is_its_softmax():
     assert torch.equal(TTA(model, "none")(x), model(x))
     with pytest.raises(UnetsegError, match="--tta 'rotate'"):
         TTA(model, "rotate")
+
+
+def test_fixed_shape_compiles_once_for_every_eval_size_and_batch():
+    from torch._dynamo.testing import CompileCounter
+
+    from unetseg.models.unet import UNet, UNetConfig
+
+    inputs = [torch.randn(n, 3, h, w) for n, h, w in [(4, 30, 40), (4, 32, 48), (3, 17, 23), (1, 32, 48)]]
+    per_pixel = nn.Conv2d(3, 5, 1).eval()  # padding cannot change a per-pixel model's outputs
+    for model in (per_pixel, UNet(UNetConfig(num_classes=5, width=4, depth=2)).eval()):
+        counter = CompileCounter()  # dynamo only, no inductor: fast
+        fixed = FixedShape(torch.compile(model, backend=counter), 4, 32, 48)
+        with torch.no_grad():
+            for x in inputs:
+                out = fixed(x)
+                assert out.shape == (x.shape[0], 5, *x.shape[-2:])
+                if model is per_pixel:
+                    torch.testing.assert_close(out, model(x))
+        assert counter.frame_count == 1  # one graph for the whole evaluation
+    counter = CompileCounter()
+    plain = torch.compile(per_pixel, backend=counter, dynamic=False)
+    with torch.no_grad():
+        for x in inputs:
+            plain(x)
+    assert counter.frame_count > 1  # what the padding saves

@@ -402,3 +402,29 @@ def test_two_processes_seed_per_rank_count_bad_samples_globally_and_resume_where
     result = fails([sys.executable, "-m", "unetseg.train", *args[2:-8], "--max-steps", "8", "--save-every", "2",
                     "--eval-every", "6", "--model-dropout", "0.3", "--resume", "auto"])
     assert "world_size: 2 when the run started, 1 now" in result.stderr
+
+
+def test_compile_on_trains_and_validates_as_eager_with_one_graph_each(tmp_path, data, capsys, monkeypatch):
+    """`--compile on`, with torch.compile's graphs run eagerly (dynamo only, no inductor:
+    seconds on a CPU): the run gives the numbers of an uncompiled one, and validation,
+    whose batches are padded to one shape, compiles once however its batches end."""
+    import functools
+
+    from torch._dynamo.testing import CompileCounter
+
+    from conftest import run_main
+
+    counter = CompileCounter()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    common = ["--data", data, *TINY, "--max-steps", "6", "--eval-every", "3", "--eval-batch-size", "4"]
+    code, out, err = run_main("train", [*common, "--output-dir", tmp_path / "compiled", "--compile", "on"], capsys)
+    assert code == 0, err
+    assert "compiled" in out
+    assert counter.frame_count == 2  # the training graph, and validation's over 7 samples in batches of 4 and 3
+    code, out, err = run_main("train", [*common, "--output-dir", tmp_path / "eager", "--compile", "off"], capsys)
+    assert code == 0, err
+    def numbers(run_dir):
+        logs, evals = metrics(run_dir)
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in logs], evals
+
+    assert numbers(tmp_path / "compiled") == numbers(tmp_path / "eager")

@@ -31,7 +31,8 @@ def validation(tmp_path, data, stop: StopFlag, logged: list) -> Validation:
     accelerator = make_accelerator("no")
     train_data = open_train_data(config, accelerator)
     options = UNetConfig(width=4, depth=1, num_classes=train_data.classes.num_classes)
-    run = SimpleNamespace(config=config, accelerator=accelerator, data=train_data, net=build_model(options),
+    net = build_model(options)
+    run = SimpleNamespace(config=config, accelerator=accelerator, data=train_data, net=net, eval_model=net,
                           hook=BatchHook(accelerator.device), state=TrainerState(step=3), run_dir=tmp_path, main=True,
                           saved_config={**config.to_dict(), "model": options.to_dict()})
     reporter = SimpleNamespace(log_eval=lambda result, examples, bad: logged.append(result))

@@ -143,7 +143,7 @@ class RunConfig(Options):
     section = "run"
 
     output_dir: str | None = Field(None, description='Run directory. Default: runs/<timestamp>.')
-    epochs: int = Field(15, ge=1, description='Epochs: passes over the training split, counted in samples over all processes.')
+    epochs: int = Field(15, ge=1, description='Epochs: passes over the training split, each sample at most once per epoch over all processes.')
     max_steps: int | None = Field(None, ge=1, description='Optimiser steps to train; wins over epochs.')
     eval_every: int | None = Field(None, ge=1, description='Evaluate every this many steps (and at the end). Default: once per epoch.')
     save_every: int | None = Field(None, ge=1, description='Save a checkpoint every this many steps (and at the end). Default: as eval_every.')
@@ -154,14 +154,16 @@ class RunConfig(Options):
     run_name: str | None = Field(None, description="Tracker run name. Default: the run dir's name.")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(None, description='Mixed precision. Default: what accelerate launch / the accelerate config says, else no.')
     channels_last: Literal["auto", "on", "off"] = Field("auto", description='channels_last memory format for the model and batches. auto: on for CUDA only. On an x86 CPU it can be faster too (docs/benchmarks.md): try on.')
-    compile: bool = Field(False, description='torch.compile the model.')
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the model for training and validation (validation batches are padded to one "
+        "shape, so it compiles once). auto: on for CUDA; on a CPU compiling takes minutes and rarely pays.")
     sync_bn: bool = Field(False, description='Convert BatchNorm to SyncBatchNorm when running on several processes.')
     seed: int = Field(0, ge=0, description='Seed of model init, data order and augmentation.')
     log_every: int = Field(10, ge=1, description='Log loss, lr and images/s every this many steps.')
     log_images: int = Field(4, ge=0, description='Validation predictions logged as images to the tracker at each evaluation.')
     max_nonfinite: int = Field(5, ge=0, description='Non-finite losses in a row (each step skipped with a warning) before the run stops.')
 
-    @field_validator("channels_last", mode="before")
+    @field_validator("channels_last", "compile", mode="before")
     @classmethod
     def _yaml11_on_off(cls, value: Any) -> Any:
         if isinstance(value, bool):  # YAML 1.1 reads an unquoted on/off as a bool

@@ -57,6 +57,28 @@ class TTA(nn.Module):
         return total / (2 * len(scales))
 
 
+class FixedShape(nn.Module):
+    """Runs ``model`` on every batch padded (zeros, bottom/right, and up to ``batch``
+    samples) to one shape, and crops the logits back: a compiled ``model`` then compiles
+    once for a whole evaluation instead of once per image size or short last batch. Wrap
+    the compiled model (the padding must stay outside the graph); the model must treat
+    samples independently (eval-mode normalisation does)."""
+
+    def __init__(self, model: nn.Module, batch: int, height: int, width: int):
+        super().__init__()
+        self.model, self.shape = model, (batch, height, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        batch, height, width = self.shape
+        if n > batch or h > height or w > width:  # larger than planned: run it as it is
+            return self.model(x)
+        padded = F.pad(x, (0, width - w, 0, height - h))
+        if n < batch:
+            padded = torch.cat([padded, padded.new_zeros((batch - n, *padded.shape[1:]))])
+        return self.model(padded)[:n, :, :h, :w]
+
+
 @torch.no_grad()
 def confusion_matrix(
     model: torch.nn.Module,

@@ -60,6 +60,8 @@ class Run:
     loss_fn: torch.nn.Module
     hook: Callable[[dict[str, Any]], dict[str, Any]]
     """The device-side batch hook (:class:`~unetseg.batch.BatchHook`), for training and validation."""
+    eval_model: torch.nn.Module
+    """What validation runs: ``net``, or ``net`` compiled over batches of one shape."""
     total_steps: int
     eval_every: int
     save_every: int
@@ -124,12 +126,35 @@ def build_model(config: TrainConfig, accelerator, data, total_steps: int) -> tup
     scheduler = build_scheduler(optimizer, oc.scheduler, total_steps=total_steps, warmup_steps=oc.warmup_steps,
                                 power=oc.power, min_lr_ratio=oc.min_lr_ratio)
     model, optimizer = accelerator.prepare(net, optimizer)
-    forward = torch.compile(model) if rc.compile else model
+    forward = torch.compile(model) if compiled(config, accelerator) else model
     return net, model, forward, optimizer, scheduler
 
 
 def channels_last(config: TrainConfig, accelerator) -> bool:
     return config.run.channels_last == "on" or (config.run.channels_last == "auto" and accelerator.device.type == "cuda")
+
+
+def compiled(config: TrainConfig, accelerator) -> bool:
+    return config.run.compile == "on" or (config.run.compile == "auto" and accelerator.device.type == "cuda")
+
+
+def eval_model(config: TrainConfig, accelerator, net: torch.nn.Module, data) -> torch.nn.Module:
+    """What validation runs: the model itself, or compiled over batches padded to one shape
+    (the split's largest image, or ``eval_resize``, rounded up to the model's own padding
+    multiple, so a split of one image size is scored exactly as without compiling)."""
+    from unetseg.scoring import FixedShape
+
+    if not compiled(config, accelerator):
+        return net
+    dc = config.data
+    if dc.eval_resize:
+        height, width = dc.eval_resize
+    else:
+        sizes = [[int(v) for v in size.split("x")] for size in data.val.info.split(dc.val_split).image_sizes]
+        height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    m = getattr(net, "pad_multiple", 32)
+    shape = (dc.eval_batch_size or dc.batch_size, -(-height // m) * m, -(-width // m) * m)
+    return FixedShape(torch.compile(net), *shape)  # padded outside the compiled graph: one shape inside
 
 
 def build_loss(config: TrainConfig, data, device) -> torch.nn.Module:
@@ -165,7 +190,7 @@ def setup(config: TrainConfig) -> Run:
     run = Run(config, accelerator, run_dir, resume_from, resumed or TrainerState(), data, net, model, forward,
               optimizer, scheduler, build_loss(config, data, accelerator.device),
               BatchHook(accelerator.device, channels_last(config, accelerator)),
-              total_steps, eval_every, rc.save_every or eval_every, tracker)
+              eval_model(config, accelerator, net, data), total_steps, eval_every, rc.save_every or eval_every, tracker)
     setup_now = run_setup(config, accelerator.num_processes, data.train, run.net_options.to_dict())
     run.state.setup = run.state.setup if resumed else setup_now
     if resume_from and not (finished(run) and (run_dir / "final" / WEIGHTS_FILE).is_file()):
@@ -193,7 +218,8 @@ def start_reporting(run: Run) -> None:
         world, dc = accelerator.num_processes, config.data
         print(config.to_yaml(), end="")
         print(f"{describe_model(run.net)}; {world} process(es) on {accelerator.device.type}, mixed precision "
-              f"{accelerator.mixed_precision}{', channels_last' if channels_last(config, accelerator) else ''}; "
+              f"{accelerator.mixed_precision}{', channels_last' if channels_last(config, accelerator) else ''}"
+              f"{', compiled' if compiled(config, accelerator) else ''}; "
               f"{run.total_steps} steps of {dc.batch_size} x {world} x {config.optim.grad_accum} images "
               f"({run.data.steps_per_epoch} per epoch); run dir {run.run_dir}"
               + (f"; resuming from {run.resume_from} at step {ts.step}" if run.resume_from else ""), flush=True)

@@ -71,7 +71,7 @@ class Validation:
                 yield batch
 
         keep = run.config.run.log_images if run.main else 0
-        cm, examples = confusion_matrix(run.net, batches(), classes.num_classes, classes.ignore_label, classes.names,
+        cm, examples = confusion_matrix(run.eval_model, batches(), classes.num_classes, classes.ignore_label, classes.names,
                                         accelerator.device, accelerator.autocast, keep=keep, hook=run.hook)
         # Whether any rank cut its share short; the same on every rank, so all take the same path.
         if all_reduce_sum(torch.tensor([float(cut[0])])).item() > 0:
