@@ -82,7 +82,8 @@ def loader_rate(data: str, size: tuple[int, int], batch: int, workers: int, num:
 
     from unetseg.badsamples import StreamStats
     from unetseg.sources import open_source
-    from unetseg.stream import TrainStream, batches_per_epoch, iterate, make_loader
+    from unetseg.loaders import iterate, make_loader
+    from unetseg.stream import TrainStream, batches_per_epoch
     from unetseg.transforms import TrainTransform, TrainTransformConfig
 
     source = open_source(data, "train")

@@ -33,7 +33,8 @@ from torchvision import tv_tensors
 from unetseg.badsamples import StreamStats
 from unetseg.shards import iter_shard
 from unetseg.sources import open_source
-from unetseg.stream import TrainStream, batches_per_epoch, collate, decode_pair, iterate, make_loader
+from unetseg.loaders import iterate, make_loader
+from unetseg.stream import TrainStream, batches_per_epoch, collate, decode_pair
 from unetseg.transforms import TrainTransform, TrainTransformConfig
 
 

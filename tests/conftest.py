@@ -179,7 +179,8 @@ def all_keys(folder: Path, split: str) -> list[str]:
 def eval_keys(source, workers=0, rank=0, world=1, resize=None) -> list[str]:
     """The keys an evaluation stream hands this rank, in order."""
     from unetseg.badsamples import StreamStats
-    from unetseg.stream import EvalStream, iterate, make_loader
+    from unetseg.loaders import iterate, make_loader
+    from unetseg.stream import EvalStream
     from unetseg.transforms import EvalTransform, EvalTransformConfig
 
     stream = EvalStream(source, EvalTransform(EvalTransformConfig(resize=resize)), 3, rank=rank, world_size=world)
@@ -190,7 +191,8 @@ def train_stream(source, workers=0, start=0, seed=0, per_epoch=None, crop=16, st
     """Batches of a training stream of ``source`` with small crops and a small buffer
     (``per_epoch``: default, the whole split's worth)."""
     from unetseg.badsamples import StreamStats
-    from unetseg.stream import TrainStream, batches_per_epoch, iterate, make_loader
+    from unetseg.loaders import iterate, make_loader
+    from unetseg.stream import TrainStream, batches_per_epoch
     from unetseg.transforms import TrainTransform, TrainTransformConfig
 
     if per_epoch is None:

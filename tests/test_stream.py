@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,8 @@ from unetseg.dataset import DatasetInfo
 from unetseg.errors import UnetsegError
 from unetseg.shards import iter_shard, shard_name
 from unetseg.sources import open_source
-from unetseg.stream import EvalStream, TrainStream, batches_per_epoch, iterate, make_loader, reader_range
+from unetseg.loaders import iterate, make_loader
+from unetseg.stream import EvalStream, TrainStream, batches_per_epoch, reader_range
 from unetseg.transforms import EvalTransform, EvalTransformConfig, TrainTransform, TrainTransformConfig
 
 
@@ -240,39 +239,3 @@ def _readable(shard: Path):
         return
 
 
-def _idle_worker() -> None:
-    from unetseg.stream import _worker_init
-
-    _worker_init(0)
-    while True:
-        time.sleep(0.05)
-
-
-def test_loader_workers_die_of_sigterm_from_their_own_process_only(tmp_path):
-    """A launcher's or SLURM's SIGTERM reaches the DataLoader workers too; the training
-    process must stay in charge of stopping them (it checkpoints first)."""
-    import multiprocessing
-
-    folder = make(tmp_path, "s", train=6, val=1)
-    loader = make_loader(TrainStream(open_source(folder, "train"),
-                                     TrainTransform(TrainTransformConfig(crop_size=16), 255), 2, batches_per_epoch=3), 1)
-    it = iter(loader)
-    next(it)
-    (worker,) = it._workers
-    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process
-    time.sleep(0.5)
-    assert worker.is_alive()
-    for _ in range(4):  # and it goes on serving batches
-        assert next(it)["image"].shape[0] == 2
-    it._shutdown_workers()
-    assert not worker.is_alive()
-    # The clean-up of DataLoader and multiprocessing (terminate, from the parent) still works.
-    process = multiprocessing.get_context("fork").Process(target=_idle_worker, daemon=True)
-    process.start()
-    time.sleep(0.5)
-    subprocess.run(["kill", "-TERM", str(process.pid)], check=True)
-    time.sleep(0.3)
-    assert process.is_alive()
-    process.terminate()
-    process.join(timeout=10)
-    assert process.exitcode == -15

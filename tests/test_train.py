@@ -115,7 +115,8 @@ def test_two_processes_agree_and_eval_equals_one_process(tmp_path, data):
     from unetseg.scoring import confusion_matrix
     from unetseg.badsamples import StreamStats
     from unetseg.sources import open_source
-    from unetseg.stream import EvalStream, iterate, make_loader
+    from unetseg.loaders import iterate, make_loader
+    from unetseg.stream import EvalStream
     from unetseg.transforms import EvalTransform, EvalTransformConfig
 
     model, _, info = load_model(out / "final")

@@ -116,7 +116,8 @@ def score(args: argparse.Namespace, accelerator, model, source, classes, resize)
     record of unreadable samples (read whatever fails, with no budget, so that the error
     lists every bad sample)."""
     from unetseg.badsamples import StreamStats
-    from unetseg.stream import EvalStream, iterate, make_loader
+    from unetseg.loaders import iterate, make_loader
+    from unetseg.stream import EvalStream
     from unetseg.transforms import EvalTransform, EvalTransformConfig
 
     predictor = TTA(model.to(accelerator.device).eval(), args.tta)

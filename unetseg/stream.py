@@ -1,8 +1,9 @@
 """Streaming shards into batches: the training stream and the exact-once evaluation stream.
 
 Owns reading a :class:`~unetseg.sources.Source`'s shards in the DataLoader workers (decode,
-augment, batch, and the seeds that make it reproducible) and the DataLoader with its
-workers' signals. Where shards are: :mod:`unetseg.sources`; counting bad samples: :mod:`unetseg.badsamples`.
+augment, batch, and the seeds that make it reproducible). Where shards are:
+:mod:`unetseg.sources`; counting bad samples: :mod:`unetseg.badsamples`; the DataLoader
+around the streams and its workers' signals: :mod:`unetseg.loaders`.
 
 Training stream (:class:`TrainStream`)
     Exact epochs: an epoch visits every sample at most once, and all but fewer than a
@@ -40,21 +41,18 @@ Bad data
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
-from unetseg.badsamples import DEFAULT_MAX_BAD_SAMPLES, BadLog, StreamStats
+from unetseg.badsamples import DEFAULT_MAX_BAD_SAMPLES, BadLog
 from unetseg.errors import UnetsegError
 from unetseg.shards import IMAGE_EXTS, MASK_EXT, ShardReadError, iter_shard
 from unetseg.sources import Source
@@ -405,67 +403,3 @@ class EvalStream(IterableDataset):
             yield bad.tag({"_empty": True})  # no batch left to carry the last bad samples
         if bad.stop:
             yield bad.error_batch()
-
-
-# --- loaders -------------------------------------------------------------------------
-
-
-def iterate(loader: DataLoader, stats: StreamStats) -> Iterator[dict[str, Any]]:
-    """Batches of ``loader`` with the bad-sample bookkeeping taken off and checked."""
-    for batch in loader:
-        stats.update(batch)
-        if "_empty" not in batch:
-            yield batch
-
-
-def make_loader(dataset: TrainStream | EvalStream, num_workers: int = 0, pin_memory: bool | None = None) -> DataLoader:
-    """A DataLoader over a stream that batches itself. Eval loaders keep their workers
-    between evaluations (the stream is stateless); the train stream is endless, so its
-    workers start once anyway."""
-    return DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=num_workers > 0 and isinstance(dataset, EvalStream),
-        prefetch_factor=4 if num_workers > 0 else None,
-        worker_init_fn=_worker_init,
-        # A DataLoader draws a seed from its generator each time it is iterated; with the
-        # default (global) one, an evaluation would shift the training RNG and break
-        # exact resume. The streams seed themselves, so this seed is never used.
-        generator=torch.Generator().manual_seed(0),
-    )
-
-
-def _worker_init(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group: the training process handles it (checkpoint,
-    # clean exit), so its workers must not die of it first.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _sigterm_from_parent_only()
-
-
-def _sigterm_from_parent_only() -> None:
-    """Let this worker die of SIGTERM only when its own training process sends it.
-
-    A launcher's SIGTERM reaches the workers too (torch elastic signals each rank's
-    process group, SLURM every process of a job step); a worker that died of it would
-    crash its training process before that could checkpoint. The training process
-    itself sends SIGTERM to shut its workers down (DataLoader and multiprocessing
-    clean-up), and that one must still work. So SIGTERM is blocked here and a thread
-    takes it with ``sigwaitinfo``, which tells who sent it. Where that call does not
-    exist (macOS), the default stays.
-    """
-    if not hasattr(signal, "sigwaitinfo"):
-        return
-    parent = os.getppid()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the training process's handler, inherited by fork
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit it
-
-    def wait() -> None:
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
-            pass
-        # Die of it as an unblocked SIGTERM would have killed us: the DataLoader expects that.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
-
-    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()

@@ -108,7 +108,8 @@ def open_train_data(config: TrainConfig, state) -> TrainData:
 
 def train_batches(config: TrainConfig, data: TrainData, rank: int, world: int, start_step: int, stats) -> Iterator[dict[str, Any]]:
     """This rank's training batches from optimiser step ``start_step`` on (exact on resume)."""
-    from unetseg.stream import TrainStream, iterate, make_loader
+    from unetseg.loaders import iterate, make_loader
+    from unetseg.stream import TrainStream
 
     dc, accum = config.data, config.optim.grad_accum
     stream = TrainStream(data.train, data.train_tf, dc.batch_size, batches_per_epoch=data.steps_per_epoch * accum,
@@ -119,7 +120,8 @@ def train_batches(config: TrainConfig, data: TrainData, rank: int, world: int, s
 
 def eval_loader(config: TrainConfig, data: TrainData, rank: int, world: int):
     """This rank's share of the validation split, every sample once over all ranks."""
-    from unetseg.stream import EvalStream, make_loader
+    from unetseg.loaders import make_loader
+    from unetseg.stream import EvalStream
 
     dc = config.data
     stream = EvalStream(data.val, data.eval_tf, dc.eval_batch_size or dc.batch_size, rank=rank, world_size=world,

@@ -55,7 +55,7 @@ class Validation:
         from unetseg.distributed import all_reduce_sum
         from unetseg.runtime import sync_buffers
         from unetseg.scoring import confusion_matrix
-        from unetseg.stream import iterate
+        from unetseg.loaders import iterate
 
         run, accelerator, classes = self.run, self.run.accelerator, self.run.data.classes
         max_bad = run.config.data.max_bad_samples

@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from unetseg.badsamples import StreamStats
 from unetseg.sources import open_source
-from unetseg.stream import EvalStream, TrainStream, batches_per_epoch, iterate, make_loader
+from unetseg.loaders import iterate, make_loader
+from unetseg.stream import EvalStream, TrainStream, batches_per_epoch
 from unetseg.transforms import EvalTransform, EvalTransformConfig, TrainTransform, TrainTransformConfig
 
 dist.init_process_group("gloo")
