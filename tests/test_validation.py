@@ -58,3 +58,19 @@ def test_a_stop_cuts_it_short_and_leaves_it_due(tmp_path, data):
     assert validate() is None
     assert validate.run.state.pending_eval and validate.run.state.best_miou is None
     assert logged == [] and not (tmp_path / "best").exists()
+
+
+def test_the_compiled_eval_model_sees_one_shape_the_split_needs(data):
+    from unetseg.scoring import FixedShape
+    from unetseg.validation import eval_model
+
+    net = build_model(UNetConfig(width=4, depth=2, num_classes=10))
+    cpu = make_accelerator("no").device
+    for compile_, resize, expected in (("off", None, None), ("on", None, (2, 16, 16)), ("on", [20, 30], (2, 20, 32))):
+        config = TrainConfig.from_dict({"data": {"data": str(data), "num_workers": 0, "batch_size": 2,
+                                                 "eval_resize": resize}, "run": {"compile": compile_}})
+        model = eval_model(config, cpu, net, open_train_data(config, make_accelerator("no")))
+        if expected is None:
+            assert model is net
+        else:  # the split's 16x16 images, or eval_resize rounded up to a multiple of 2**depth
+            assert isinstance(model, FixedShape) and model.shape == expected

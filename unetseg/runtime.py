@@ -77,6 +77,17 @@ def on_main(fn: Callable[[], Any]) -> Any:
     return value
 
 
+def channels_last(config, device: torch.device) -> bool:
+    """Whether the model and batches use channels_last (``run.channels_last``; auto: CUDA)."""
+    choice = config.run.channels_last
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
+
+
+def compiled(config, device: torch.device) -> bool:
+    """Whether the model is compiled (``run.compile``; auto: CUDA)."""
+    return config.run.compile == "on" or (config.run.compile == "auto" and device.type == "cuda")
+
+
 def check_sync_bn(sync_bn: bool, state) -> None:
     """SyncBatchNorm has no CPU kernel: refuse before any model is built."""
     if sync_bn and state.num_processes > 1 and state.device.type == "cpu":

@@ -105,6 +105,7 @@ def build_model(config: TrainConfig, accelerator, data, total_steps: int) -> tup
 
     from unetseg.models import build_model as build
     from unetseg.optim import build_optimizer, build_scheduler
+    from unetseg.runtime import channels_last, compiled
     from unetseg.stream import derive_seed
 
     oc, rc = config.optim, config.run
@@ -118,7 +119,7 @@ def build_model(config: TrainConfig, accelerator, data, total_steps: int) -> tup
     set_seed(derive_seed(rc.seed, accelerator.process_index, 2))
     if rc.sync_bn and accelerator.num_processes > 1:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    if channels_last(config, accelerator):
+    if channels_last(config, accelerator.device):
         net = net.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(net, oc.optimizer, lr=oc.lr, weight_decay=oc.weight_decay, betas=tuple(oc.betas),
                                 eps=oc.eps, momentum=oc.momentum, nesterov=oc.nesterov)
@@ -126,35 +127,8 @@ def build_model(config: TrainConfig, accelerator, data, total_steps: int) -> tup
     scheduler = build_scheduler(optimizer, oc.scheduler, total_steps=total_steps, warmup_steps=oc.warmup_steps,
                                 power=oc.power, min_lr_ratio=oc.min_lr_ratio)
     model, optimizer = accelerator.prepare(net, optimizer)
-    forward = torch.compile(model) if compiled(config, accelerator) else model
+    forward = torch.compile(model) if compiled(config, accelerator.device) else model
     return net, model, forward, optimizer, scheduler
-
-
-def channels_last(config: TrainConfig, accelerator) -> bool:
-    return config.run.channels_last == "on" or (config.run.channels_last == "auto" and accelerator.device.type == "cuda")
-
-
-def compiled(config: TrainConfig, accelerator) -> bool:
-    return config.run.compile == "on" or (config.run.compile == "auto" and accelerator.device.type == "cuda")
-
-
-def eval_model(config: TrainConfig, accelerator, net: torch.nn.Module, data) -> torch.nn.Module:
-    """What validation runs: the model itself, or compiled over batches padded to one shape
-    (the split's largest image, or ``eval_resize``, rounded up to the model's own padding
-    multiple, so a split of one image size is scored exactly as without compiling)."""
-    from unetseg.scoring import FixedShape
-
-    if not compiled(config, accelerator):
-        return net
-    dc = config.data
-    if dc.eval_resize:
-        height, width = dc.eval_resize
-    else:
-        sizes = [[int(v) for v in size.split("x")] for size in data.val.info.split(dc.val_split).image_sizes]
-        height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
-    m = getattr(net, "pad_multiple", 32)
-    shape = (dc.eval_batch_size or dc.batch_size, -(-height // m) * m, -(-width // m) * m)
-    return FixedShape(torch.compile(net), *shape)  # padded outside the compiled graph: one shape inside
 
 
 def build_loss(config: TrainConfig, data, device) -> torch.nn.Module:
@@ -175,8 +149,9 @@ def setup(config: TrainConfig) -> Run:
     from unetseg.batch import BatchHook
     from unetseg.checkpoint import load_checkpoint
     from unetseg.runstate import check_setup, choose_start, run_setup
-    from unetseg.runtime import check_sync_bn, process_state
+    from unetseg.runtime import channels_last, check_sync_bn, process_state
     from unetseg.train_data import open_train_data
+    from unetseg.validation import eval_model
 
     rc = config.run
     check_sync_bn(rc.sync_bn, process_state())
@@ -189,8 +164,8 @@ def setup(config: TrainConfig) -> Run:
     eval_every = rc.eval_every or data.steps_per_epoch
     run = Run(config, accelerator, run_dir, resume_from, resumed or TrainerState(), data, net, model, forward,
               optimizer, scheduler, build_loss(config, data, accelerator.device),
-              BatchHook(accelerator.device, channels_last(config, accelerator)),
-              eval_model(config, accelerator, net, data), total_steps, eval_every, rc.save_every or eval_every, tracker)
+              BatchHook(accelerator.device, channels_last(config, accelerator.device)),
+              eval_model(config, accelerator.device, net, data), total_steps, eval_every, rc.save_every or eval_every, tracker)
     setup_now = run_setup(config, accelerator.num_processes, data.train, run.net_options.to_dict())
     run.state.setup = run.state.setup if resumed else setup_now
     if resume_from and not (finished(run) and (run_dir / "final" / WEIGHTS_FILE).is_file()):
@@ -209,6 +184,7 @@ def start_reporting(run: Run) -> None:
     """The run dir's files, the banner, and the tracker (after the resume point is known)."""
     from unetseg.models import describe_model
     from unetseg.runstate import truncate_metrics, write_run_files
+    from unetseg.runtime import channels_last, compiled
     from unetseg.tracking import flat_config
 
     config, accelerator, ts = run.config, run.accelerator, run.state
@@ -218,8 +194,8 @@ def start_reporting(run: Run) -> None:
         world, dc = accelerator.num_processes, config.data
         print(config.to_yaml(), end="")
         print(f"{describe_model(run.net)}; {world} process(es) on {accelerator.device.type}, mixed precision "
-              f"{accelerator.mixed_precision}{', channels_last' if channels_last(config, accelerator) else ''}"
-              f"{', compiled' if compiled(config, accelerator) else ''}; "
+              f"{accelerator.mixed_precision}{', channels_last' if channels_last(config, accelerator.device) else ''}"
+              f"{', compiled' if compiled(config, accelerator.device) else ''}; "
               f"{run.total_steps} steps of {dc.batch_size} x {world} x {config.optim.grad_accum} images "
               f"({run.data.steps_per_epoch} per epoch); run dir {run.run_dir}"
               + (f"; resuming from {run.resume_from} at step {ts.step}" if run.resume_from else ""), flush=True)

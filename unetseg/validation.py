@@ -84,3 +84,23 @@ class Validation:
             print(f"warning: val mIoU over {result.num_samples} of the split's {expected} samples "
                   f"({bad} could not be read{': ' + problems if problems else ''})", flush=True)
         return result, examples, bad
+
+
+def eval_model(config, device: torch.device, net: torch.nn.Module, data) -> torch.nn.Module:
+    """What validation runs: the model itself, or compiled over batches padded to one shape
+    (the split's largest image, or ``eval_resize``, rounded up to the model's own padding
+    multiple, so a split of one image size is scored exactly as without compiling)."""
+    from unetseg.runtime import compiled
+    from unetseg.scoring import FixedShape
+
+    if not compiled(config, device):
+        return net
+    dc = config.data
+    if dc.eval_resize:
+        height, width = dc.eval_resize
+    else:
+        sizes = [[int(v) for v in size.split("x")] for size in data.val.info.split(dc.val_split).image_sizes]
+        height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    m = getattr(net, "pad_multiple", 32)
+    shape = (dc.eval_batch_size or dc.batch_size, -(-height // m) * m, -(-width // m) * m)
+    return FixedShape(torch.compile(net), *shape)  # padded outside the compiled graph: one shape inside
