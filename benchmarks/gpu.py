@@ -3,6 +3,7 @@
     python benchmarks/gpu.py --data shards/camvid            # on a GPU machine
     python benchmarks/gpu.py --device cpu --size 64,96 --batch-sizes 2 --steps 2 --warmup 1 \
         --data shards/camvid --loader-batches 2                # a quick check that it runs
+    python benchmarks/gpu.py --data shards/camvid --workers 4,12 --e2e-steps 300   # everything, on a GPU
 
 Part 1, the model: one training step (forward, cross-entropy, backward, AdamW step) of
 unetseg's U-Net on random in-memory batches of the given size (default 360x480, the
@@ -17,9 +18,22 @@ augmentation (random scale 0.5-2.0, crops of ``--size``, flips, colour jitter) o
 ``--workers`` worker processes, in images/s, set against the best model figure: if the
 loader is slower, training on this machine is input-bound and that is its ceiling.
 
+Part 3, the model compiled (``--compile``, default on for CUDA): the best bf16
+configuration's step under ``torch.compile``, and the FLOPs of one image's forward and
+backward pass (counted with ``torch.utils.flop_counter`` on the meta device, so free),
+hence the model FLOP utilisation (MFU) against ``--peak-tflops`` (default: 790 for an
+H100/H200 in bf16, else not reported).
+
+Part 4, end to end (``--e2e-steps N``): ``python -m unetseg.train`` with ``--e2e-config``
+(default the GPU recipe) for N steps at each ``--workers`` count, the median of its logged
+images/s (the first log, which holds start-up and compilation, left out).
+
 Prints tables and, last, one JSON object (``images_per_s`` keyed by configuration,
 ``baseline_images_per_s`` for fp32 contiguous at the largest batch size that fits,
-``best``, ``loader_images_per_s`` and ``bound``).
+``best``, ``loader_images_per_s`` and ``bound`` at the first ``--workers`` count,
+``flops_per_image``, ``compiled_model_images_per_s``, ``e2e_images_per_s`` at the first
+``--workers`` count, ``e2e_over_model`` (against the compiled model when there is one)
+and ``mfu`` of that end-to-end rate).
 """
 
 from __future__ import annotations
@@ -28,7 +42,10 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,13 +63,15 @@ def sync(device: torch.device) -> None:
 
 
 def step_rate(device: torch.device, *, width: int, depth: int, classes: int, batch: int, size: tuple[int, int],
-              precision: str, channels_last: bool, steps: int, warmup: int) -> tuple[float, float | None]:
+              precision: str, channels_last: bool, steps: int, warmup: int,
+              compile: bool = False) -> tuple[float, float | None]:
     """Images/s of the training step, and peak GPU memory in GiB (None on the CPU)."""
     torch.manual_seed(0)
-    model = UNet(UNetConfig(num_classes=classes, width=width, depth=depth)).to(device)
+    net = UNet(UNetConfig(num_classes=classes, width=width, depth=depth)).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+    net = net.to(memory_format=memory_format)
+    model = torch.compile(net) if compile else net
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=device.type == "cuda")
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.randn(batch, 3, *size, device=device, generator=g).contiguous(memory_format=memory_format)
     masks = torch.randint(0, classes, (batch, *size), device=device, generator=g)
@@ -75,6 +94,34 @@ def step_rate(device: torch.device, *, width: int, depth: int, classes: int, bat
         raise RuntimeError(f"non-finite loss in {precision}, channels_last={channels_last}, batch {batch}")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return rate, peak
+
+
+def flops_per_image(*, width: int, depth: int, classes: int, size: tuple[int, int]) -> float:
+    """FLOPs of one image's forward and backward pass, counted on the meta device (no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = UNet(UNetConfig(num_classes=classes, width=width, depth=depth))
+        x, y = torch.randn(1, 3, *size), torch.randint(0, classes, (1, *size))
+        with FlopCounterMode(display=False) as counter:
+            F.cross_entropy(model(x), y).backward()
+    return float(counter.get_total_flops())
+
+
+def e2e_rate(config: str, data: str, workers: int, steps: int, extra: list[str]) -> float:
+    """Median logged images/s of ``python -m unetseg.train`` for ``steps`` steps."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "unetseg.train", "--config", config, "--data", data, "--num-workers", str(workers),
+               "--max-steps", str(steps), "--eval-every", str(steps), "--log-every", str(max(1, steps // 10)),
+               "--warmup-steps", "0", "--tracker", "none", "--output-dir", str(run), *extra]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise SystemExit(f"end-to-end training failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["images_per_s"] for r in rows if "images_per_s" in r]
+    return statistics.median(rates[1:] or rates)
 
 
 def loader_rate(data: str, size: tuple[int, int], batch: int, workers: int, num: int, warmup: int) -> float:
@@ -105,7 +152,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--data", help="shard folder for the loader part (skipped without it)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", default=None,
+                        help="loader worker counts, e.g. 4,12 (default: 4 and 12, at most the cores)")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="time the best bf16 configuration compiled too (auto: on for CUDA)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak bf16 TFLOP/s, for MFU "
+                        "(default: 790 on an H100/H200)")
+    parser.add_argument("--e2e-steps", type=int, default=0, help="steps of real training per worker count (0: skip)")
+    parser.add_argument("--e2e-config", default="configs/camvid_gpu.yaml")
+    parser.add_argument("--e2e-args", default="", help="more unetseg.train arguments for the end-to-end runs")
     parser.add_argument("--loader-batch-size", type=int, default=16)
     parser.add_argument("--loader-batches", type=int, default=40)
     args = parser.parse_args()
@@ -113,9 +168,14 @@ def main() -> None:
     size = tuple(int(v) for v in args.size.split(","))
     if len(size) == 1:
         size = (size[0], size[0])
+    cores = os.cpu_count() or 1
+    workers = [int(w) for w in args.workers.split(",")] if args.workers else sorted({min(4, cores), min(12, cores)})
+    peak_tflops = args.peak_tflops
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         name = torch.cuda.get_device_name(device)
+        if peak_tflops is None and any(chip in name for chip in ("H100", "H200")):
+            peak_tflops = 790.0
     else:
         name = f"CPU, {torch.get_num_threads()} threads"
     print(f"U-Net width {args.width} depth {args.depth}, {args.classes} classes, {size[0]}x{size[1]}, "
@@ -164,14 +224,43 @@ def main() -> None:
         print(f"\nbest: {key(best)} at {best['images_per_s']:.1f} images/s, "
               f"{best['images_per_s'] / base[baseline_batch]:.2f}x fp32 contiguous at batch {baseline_batch}")
 
+    flops = flops_per_image(width=args.width, depth=args.depth, classes=args.classes, size=size)
+    model_rate = best["images_per_s"]
+    compiled_rate = None
+    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+        top = max((r for r in fitted if r["precision"] == "bf16"), key=lambda r: r["images_per_s"], default=best)
+        compiled_rate, _ = step_rate(device, width=args.width, depth=args.depth, classes=args.classes,
+                                     batch=top["batch"], size=size, precision=top["precision"],
+                                     channels_last=top["channels_last"], steps=args.steps, warmup=args.warmup + 3,
+                                     compile=True)
+        model_rate = max(model_rate, compiled_rate)
+        print(f"compiled: {key(top)} at {compiled_rate:.1f} images/s, {compiled_rate / top['images_per_s']:.2f}x eager")
+    def mfu(rate: float) -> float | None:
+        return rate * flops / (peak_tflops * 1e12) if peak_tflops else None
+
+    print(f"{flops / 1e9:.3g} GFLOP per image (forward + backward)"
+          + (f"; model-only MFU {100 * mfu(model_rate):.1f}% of {peak_tflops:.0f} TFLOP/s" if peak_tflops else ""))
+    result.update(flops_per_image=flops, compiled_model_images_per_s=round(compiled_rate, 1) if compiled_rate else None,
+                  model_mfu=mfu(model_rate))
+
     if args.data:
-        loader = loader_rate(args.data, size, args.loader_batch_size, args.workers, args.loader_batches,
-                             warmup=max(2, args.workers))
+        loaders = {w: loader_rate(args.data, size, args.loader_batch_size, w, args.loader_batches, warmup=max(2, w))
+                   for w in workers}
+        for w, loader in loaders.items():
+            print(f"loader: {loader:.1f} images/s with {w} workers (batch {args.loader_batch_size}, "
+                  f"{size[0]}x{size[1]} crops) = {loader / model_rate:.2f}x the model rate")
+        loader = loaders[workers[0]]
         bound = "loader" if loader < best["images_per_s"] else "model"
-        print(f"loader: {loader:.1f} images/s with {args.workers} workers (batch {args.loader_batch_size}, "
-              f"{size[0]}x{size[1]} crops) = {loader / best['images_per_s']:.2f}x the best model rate: "
-              f"training here is {bound}-bound")
-        result.update(loader_images_per_s=round(loader, 1), loader_workers=args.workers, bound=bound)
+        result.update(loader_images_per_s=round(loader, 1), loader_workers=workers[0], bound=bound,
+                      loader_by_workers={str(w): round(v, 1) for w, v in loaders.items()})
+        if args.e2e_steps:
+            e2e = {w: e2e_rate(args.e2e_config, args.data, w, args.e2e_steps, args.e2e_args.split()) for w in workers}
+            for w, rate in e2e.items():
+                print(f"end to end: {rate:.1f} images/s with {w} workers = {rate / model_rate:.2f}x the model rate"
+                      + (f", MFU {100 * mfu(rate):.1f}%" if peak_tflops else ""))
+            rate = e2e[workers[0]]
+            result.update(e2e_images_per_s=round(rate, 1), e2e_by_workers={str(w): round(v, 1) for w, v in e2e.items()},
+                          e2e_over_model=round(rate / model_rate, 3), mfu=mfu(rate))
     print(json.dumps(result))
 
 

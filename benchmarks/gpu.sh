@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Everything worth knowing about one GPU machine, in under 8 minutes on an H100/H200:
 #  1. U-Net (width 32) training-step throughput at 360x480: fp32 and bf16, channels_last
-#     off and on, batch 8/16/32, peak memory (benchmarks/gpu.py);
-#  2. the training stream's throughput on this machine's CPUs against the best model rate
-#     (is training here input-bound?);
+#     off and on, batch 8/16/32, peak memory, the best bf16 one compiled, FLOPs per image
+#     and MFU (benchmarks/gpu.py);
+#  2. the training stream's throughput at 4 and 12 workers against the model rate, and
+#     real training (the GPU recipe, E2E_STEPS steps, default 300) at each: is training
+#     here input-bound?
 #  3. a short CamVid training with the GPU recipe (configs/camvid_gpu.yaml, 1000 steps):
 #     end-to-end images/s and val mIoU.
 # Run from anywhere:
@@ -11,7 +13,8 @@
 # DATA: shard folder (default shards/camvid), packed from CAMVID (default
 # ../shared/data/camvid) when it has no dataset.json. OUT: where the logs go (default
 # gpu-out). PYTHON: the interpreter (default python3); the checkout need not be installed.
-# STEPS: training steps (default 1000); RUN: its run folder (default: a new temporary one). GPU_ARGS / TRAIN_ARGS: extra arguments for
+# STEPS: training steps (default 1000); RUN: its run folder (default: a new temporary one). E2E_STEPS:
+# steps of each end-to-end run of part 2 (default 300; 0 skips them). GPU_ARGS / TRAIN_ARGS: extra arguments for
 # benchmarks/gpu.py / unetseg.train (tests/test_benchmarks.py runs the script on a CPU
 # with tiny ones).
 # Record what it prints, and the card, in docs/benchmarks.md.
@@ -22,6 +25,7 @@ DATA=${DATA:-shards/camvid}
 CAMVID=${CAMVID:-../shared/data/camvid}
 PYTHON=${PYTHON:-python3}
 STEPS=${STEPS:-1000}
+E2E_STEPS=${E2E_STEPS:-300}
 read -r -a gpu_args <<< "${GPU_ARGS:-}"
 read -r -a train_args <<< "${TRAIN_ARGS:-}"
 mkdir -p "$OUT"
@@ -48,7 +52,7 @@ if [ ! -f "$DATA/dataset.json" ]; then
 fi
 
 echo "== 1-2. model throughput and loader throughput"
-timeout 300 "$PYTHON" benchmarks/gpu.py --data "$DATA" "${gpu_args[@]}" 2>&1 | tee "$OUT/throughput.txt"
+timeout 420 "$PYTHON" benchmarks/gpu.py --data "$DATA" --e2e-steps "$E2E_STEPS" "${gpu_args[@]}" 2>&1 | tee "$OUT/throughput.txt"
 
 echo "== 3. short CamVid training: configs/camvid_gpu.yaml, $STEPS steps"
 run=${RUN:-$(mktemp -d)/camvid-gpu-short}

@@ -71,7 +71,12 @@ GPU_ARGS = ["--device", "cpu", "--size", "32,48", "--batch-sizes", "1,2", "--ste
 
 
 def test_gpu_benchmark_runs_on_cpu(syn):
-    out, text = run_json("benchmarks/gpu.py", "--data", str(syn), *GPU_ARGS)
+    out, text = run_json("benchmarks/gpu.py", "--data", str(syn), *GPU_ARGS, "--e2e-steps", "2", "--e2e-args",
+                         "--model-width 4 --model-depth 2 --batch-size 2 --crop-size 32 --mixed-precision no")
+    assert positive(out["flops_per_image"]) and out["compiled_model_images_per_s"] is None  # compile: auto, off on CPU
+    assert positive(out["e2e_images_per_s"]) and out["e2e_by_workers"] == {"0": out["e2e_images_per_s"]}
+    assert out["e2e_over_model"] == pytest.approx(out["e2e_images_per_s"] / out["best_images_per_s"], rel=0.01)
+    assert out["mfu"] is None  # no peak FLOP/s known for a CPU
     keys = {f"{p}{cl}_b{b}" for p in ("fp32", "bf16") for cl in ("", "_cl") for b in (1, 2)}
     assert set(out["images_per_s"]) == keys and all(positive(v) for v in out["images_per_s"].values())
     assert out["baseline_images_per_s"] == out["images_per_s"]["fp32_b2"]
@@ -82,7 +87,7 @@ def test_gpu_benchmark_runs_on_cpu(syn):
 
 
 def test_gpu_script_runs_end_to_end_on_cpu(tmp_path, syn):
-    env = {**ENV, "OUT": str(tmp_path / "out"), "DATA": str(syn), "PYTHON": sys.executable, "STEPS": "4",
+    env = {**ENV, "OUT": str(tmp_path / "out"), "DATA": str(syn), "PYTHON": sys.executable, "STEPS": "4", "E2E_STEPS": "0",
            "GPU_ARGS": " ".join(GPU_ARGS),
            "TRAIN_ARGS": "--crop-size 32 --model-width 4 --model-depth 2 --batch-size 2 --num-workers 0 "
                          "--mixed-precision no --log-every 1", "RUN": str(tmp_path / "run")}
