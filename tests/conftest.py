@@ -112,6 +112,17 @@ def read_split(folder: Path, split: str) -> dict[str, dict]:
     return samples
 
 
+def clashing_images(folder: Path) -> list[Path]:
+    """Five small images whose names clash as prediction outputs (same stem, same stem in
+    another folder, a stem that ends like an output suffix)."""
+    rng = np.random.default_rng(2)
+    paths = [folder / f for f in ["a/x.png", "b/x.png", "a/x.jpg", "a/x_color.png", "c/y.png"]]
+    for path in paths:
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
 def leftovers(parent: Path) -> list[str]:
     """Hidden partial folders a failed write could have left behind."""
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))

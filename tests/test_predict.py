@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision import tv_tensors
 
+from conftest import clashing_images
 from unetseg.checkpoint import load_model, save_model
 from unetseg.config import TrainConfig
 from unetseg.dataset import DatasetInfo, SplitInfo
@@ -156,12 +157,7 @@ def test_glob_file_new_nested_out_and_batching(tmp_path, model_dir, capsys):
 
 
 def test_shared_stems_get_distinct_names(tmp_path, model_dir):
-    rng = np.random.default_rng(2)
-    files = ["a/x.png", "b/x.png", "a/x.jpg", "a/x_color.png", "c/y.png"]
-    for f in files:
-        (tmp_path / f).parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f)
-    paths = [tmp_path / f for f in files]
+    paths = clashing_images(tmp_path)
     stems = ["a__x_png", "b__x", "a__x_jpg", "a__x_color_png", "y"]  # the rules: test_predict_inputs.py
 
     report = predict(model_dir, [str(p) for p in paths], tmp_path / "out", progress=False)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import clashing_images
 from unetseg.errors import UnetsegError
 from unetseg.predict_inputs import check_out_dir, collect_inputs, output_paths, output_stems
 
@@ -31,12 +32,7 @@ def test_folder_skips_hidden_and_other_extensions(tmp_path):
 
 
 def test_shared_stems_get_distinct_names(tmp_path):
-    rng = np.random.default_rng(2)
-    files = ["a/x.png", "b/x.png", "a/x.jpg", "a/x_color.png", "c/y.png"]
-    for f in files:
-        (tmp_path / f).parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f)
-    paths = [tmp_path / f for f in files]
+    paths = clashing_images(tmp_path)
     stems = output_stems(paths)
     assert stems == ["a__x_png", "b__x", "a__x_jpg", "a__x_color_png", "y"]
     assert output_stems(paths) == stems  # deterministic

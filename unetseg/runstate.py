@@ -87,9 +87,11 @@ SETUP_FIX = {
 def check_setup(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
     """Refuse to resume ``checkpoint`` with another setup (checkpoints of older versions
     record none and are not checked)."""
+    from unetseg.models import saved_model_options
+
     saved = dict(saved)
-    if isinstance(saved.get("model"), dict) and "name" not in saved["model"]:
-        saved["model"] = {"name": "unet", **saved["model"]}  # recorded before the model registry
+    if isinstance(saved.get("model"), dict):  # as a saved model's options are read (older ones have no name)
+        saved["model"] = saved_model_options({"model": saved["model"]}).to_dict()
     changed = [key for key in current if key in saved and saved[key] != current[key]]
     if not changed:
         return

@@ -79,7 +79,16 @@ class Run:
 
     @property
     def net_options(self):
-        return self.config.model.model_copy(update={"num_classes": self.data.classes.num_classes})
+        return net_options(self.config, self.data)
+
+
+def net_options(config: TrainConfig, data):
+    """The model's options as built: the config's, with the data's number of classes."""
+    num_classes = data.classes.num_classes
+    if config.model.num_classes not in (None, num_classes):
+        raise UnetsegError(f"model.num_classes {config.model.num_classes}: the data has {num_classes} classes. "
+                           "Fix: leave model.num_classes out of the config (it is taken from dataset.json)")
+    return config.model.model_copy(update={"num_classes": num_classes})
 
 
 def start_accelerator(config: TrainConfig, run_dir: Path, resumed: TrainerState | None):
@@ -109,12 +118,8 @@ def build_model(config: TrainConfig, accelerator, data, total_steps: int) -> tup
     from unetseg.stream import derive_seed
 
     oc, rc = config.optim, config.run
-    num_classes = data.classes.num_classes
-    if config.model.num_classes not in (None, num_classes):
-        raise UnetsegError(f"model.num_classes {config.model.num_classes}: the data has {num_classes} classes. "
-                           "Fix: leave model.num_classes out of the config (it is taken from dataset.json)")
     set_seed(rc.seed)  # the same on every rank: identical initial weights
-    net = build(config.model, num_classes)
+    net = build(net_options(config, data))
     # From here on each rank draws its own random numbers (dropout masks differ across ranks).
     set_seed(derive_seed(rc.seed, accelerator.process_index, 2))
     if rc.sync_bn and accelerator.num_processes > 1:
@@ -162,12 +167,11 @@ def setup(config: TrainConfig) -> Run:
     total_steps = rc.max_steps or rc.epochs * data.steps_per_epoch
     net, model, forward, optimizer, scheduler = build_model(config, accelerator, data, total_steps)
     eval_every = rc.eval_every or data.steps_per_epoch
-    run = Run(config, accelerator, run_dir, resume_from, resumed or TrainerState(), data, net, model, forward,
+    setup_now = run_setup(config, accelerator.num_processes, data.train, net_options(config, data).to_dict())
+    run = Run(config, accelerator, run_dir, resume_from, resumed or TrainerState(setup=setup_now), data, net, model, forward,
               optimizer, scheduler, build_loss(config, data, accelerator.device),
               BatchHook(accelerator.device, channels_last(config, accelerator.device)),
               eval_model(config, accelerator.device, net, data), total_steps, eval_every, rc.save_every or eval_every, tracker)
-    setup_now = run_setup(config, accelerator.num_processes, data.train, run.net_options.to_dict())
-    run.state.setup = run.state.setup if resumed else setup_now
     if resume_from and not (finished(run) and (run_dir / "final" / WEIGHTS_FILE).is_file()):
         check_setup(run.state.setup, setup_now, resume_from)
         load_checkpoint(accelerator, resume_from)
