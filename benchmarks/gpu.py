@@ -131,7 +131,7 @@ def loader_rate(data: str, size: tuple[int, int], batch: int, workers: int, num:
     from unetseg.sources import open_source
     from unetseg.loaders import iterate, make_loader
     from unetseg.stream import TrainStream, batches_per_epoch
-    from unetseg.transforms import TrainTransform, TrainTransformConfig
+    from unetseg.augment import TrainTransform, TrainTransformConfig
 
     source = open_source(data, "train")
     tf = TrainTransform(TrainTransformConfig(crop_size=size, scale_range=(0.5, 2.0), jitter=0.2),

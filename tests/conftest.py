@@ -204,7 +204,7 @@ def train_stream(source, workers=0, start=0, seed=0, per_epoch=None, crop=16, st
     from unetseg.badsamples import StreamStats
     from unetseg.loaders import iterate, make_loader
     from unetseg.stream import TrainStream, batches_per_epoch
-    from unetseg.transforms import TrainTransform, TrainTransformConfig
+    from unetseg.augment import TrainTransform, TrainTransformConfig
 
     if per_epoch is None:
         per_epoch = batches_per_epoch(source.num_samples, batch_size, kw.get("world_size", 1))

@@ -13,7 +13,8 @@ from unetseg.badsamples import StreamStats
 from unetseg.loaders import iterate, make_loader
 from unetseg.sources import open_source
 from unetseg.stream import EvalStream, TrainStream
-from unetseg.transforms import EvalTransform, EvalTransformConfig, TrainTransform, TrainTransformConfig
+from unetseg.augment import TrainTransform, TrainTransformConfig
+from unetseg.transforms import EvalTransform, EvalTransformConfig
 
 
 def _idle_worker() -> None:

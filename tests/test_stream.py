@@ -19,7 +19,8 @@ from unetseg.shards import iter_shard, shard_name
 from unetseg.sources import open_source
 from unetseg.loaders import iterate, make_loader
 from unetseg.stream import EvalStream, TrainStream, batches_per_epoch, reader_range
-from unetseg.transforms import EvalTransform, EvalTransformConfig, TrainTransform, TrainTransformConfig
+from unetseg.augment import TrainTransform, TrainTransformConfig
+from unetseg.transforms import EvalTransform, EvalTransformConfig
 
 
 def reshard(folder: Path, split: str, sizes: list[int]) -> None:

@@ -86,7 +86,7 @@ def test_bf16_channels_last_on_the_cpu_learns(tmp_path, data):
     out = tmp_path / "run"
     result = run(train_cmd(data, out, "--max-steps", "40", "--log-every", "5", "--eval-every", "40",
                            "--warmup-steps", "3", "--mixed-precision", "bf16", "--channels-last", "on"))
-    assert "on cpu, mixed precision bf16, channels_last;" in result.stdout
+    assert "on cpu, mixed precision bf16, channels_last, augmentation in loader workers;" in result.stdout
     logs, evals = metrics(out)
     assert logs[-1]["loss"] < logs[0]["loss"] * 0.85, [r["loss"] for r in logs]
     assert evals[-1]["num_samples"] == 7
@@ -429,3 +429,23 @@ def test_compile_on_trains_and_validates_as_eager_with_one_graph_each(tmp_path, 
         return [{k: v for k, v in r.items() if k != "images_per_s"} for r in logs], evals
 
     assert numbers(tmp_path / "compiled") == numbers(tmp_path / "eager")
+
+
+def test_augmentation_on_the_device_trains_as_augmentation_in_workers(tmp_path, data, capsys):
+    """`--augment-on device` on the CPU: workers only decode, the batch hook augments, and
+    the run follows the one augmented in workers (fp32: to float rounding)."""
+    from conftest import run_main
+
+    common = ["--data", data, *TINY, "--num-workers", "1", "--max-steps", "6", "--log-every", "1",
+              "--eval-every", "6", "--jitter", "0.3"]
+    code, out, err = run_main("train", [*common, "--output-dir", tmp_path / "device", "--augment-on", "device"], capsys)
+    assert code == 0, err
+    assert "augmentation on cpu;" in out
+    code, out, err = run_main("train", [*common, "--output-dir", tmp_path / "workers", "--augment-on", "workers"], capsys)
+    assert code == 0, err
+    assert "augmentation in loader workers;" in out
+    (device_logs, device_evals), (worker_logs, worker_evals) = metrics(tmp_path / "device"), metrics(tmp_path / "workers")
+    assert [r["loss"] for r in device_logs] == pytest.approx([r["loss"] for r in worker_logs], rel=1e-4)
+    assert device_evals[-1]["mIoU"] == pytest.approx(worker_evals[-1]["mIoU"], abs=1e-3)
+    a, b = weights(tmp_path / "device" / "final"), weights(tmp_path / "workers" / "final")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

@@ -12,7 +12,9 @@ Training stream (:class:`TrainStream`)
     it into one contiguous share per rank, each share cut again in proportion to the
     batches each DataLoader worker serves (the DataLoader takes batches from its workers
     in turn). A worker reads its share (any number of shards, or part of one: fewer
-    shards than readers work) through a shuffle buffer, decodes, augments and batches.
+    shards than readers work) through a shuffle buffer, decodes, draws each sample's
+    augmentation parameters and batches, augmenting there or leaving that to the device
+    (``augment_on``, :mod:`unetseg.augment`).
     Every rank takes the same number of batches per epoch (:func:`batches_per_epoch`),
     so no rank waits for another; the stream runs on from epoch to epoch without
     restarting its workers.
@@ -20,8 +22,8 @@ Training stream (:class:`TrainStream`)
     What is reproducible: for a given seed, world size, worker count, batch size,
     ``batches_per_epoch`` and data, batch *b* of rank *r* is always the same, and a
     stream started at ``start_batch=k`` yields exactly the batches a stream started at 0
-    yields from *k* on (resume mid-epoch). Each sample's augmentation is seeded by its
-    place in the epoch (epoch, rank, batch, slot in the batch). A sample that fails to
+    yields from *k* on (resume mid-epoch). Each sample's augmentation parameters are drawn
+    from its place in the epoch (epoch, rank, batch, slot in the batch). A sample that fails to
     decode is skipped; when that leaves a worker short, it reads its share again, so
     with bad samples an epoch may visit a sample twice, and resume is exact only on data
     without bad samples.
@@ -56,7 +58,8 @@ from unetseg.badsamples import DEFAULT_MAX_BAD_SAMPLES, BadLog
 from unetseg.errors import UnetsegError
 from unetseg.shards import IMAGE_EXTS, MASK_EXT, ShardReadError, iter_shard
 from unetseg.sources import Source
-from unetseg.transforms import EvalTransform, TrainTransform
+from unetseg.augment import TrainTransform
+from unetseg.transforms import EvalTransform
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they are still
 # the fastest decoders here (docs/benchmarks.md), so keep them and keep the logs quiet.
@@ -88,13 +91,14 @@ def decode_pair(sample: dict[str, Any]) -> tuple[tv_tensors.Image, tv_tensors.Ma
     return tv_tensors.Image(image), tv_tensors.Mask(mask[0])
 
 
-def collate(images: list[torch.Tensor], masks: list[torch.Tensor], pad_label: int) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(images: list[torch.Tensor], masks: list[torch.Tensor], pad_label: int,
+            mask_dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack, padding to the largest size in the batch (bottom/right): images with 0,
     masks with ``pad_label`` so the padding counts in no loss or metric."""
     height = max(m.shape[-2] for m in masks)
     width = max(m.shape[-1] for m in masks)
     image_batch = images[0].new_zeros((len(images), images[0].shape[0], height, width))
-    mask_batch = torch.full((len(masks), height, width), pad_label, dtype=torch.int64)
+    mask_batch = torch.full((len(masks), height, width), pad_label, dtype=mask_dtype)
     for i, (img, m) in enumerate(zip(images, masks)):
         image_batch[i, :, : img.shape[-2], : img.shape[-1]] = img
         mask_batch[i, : m.shape[-2], : m.shape[-1]] = m
@@ -182,7 +186,7 @@ def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, grad_a
 
 
 class TrainStream(IterableDataset):
-    """Infinite, resampled, shuffled, augmented training batches (see the module docstring)."""
+    """Endless, exact-epoch, shuffled training batches (see the module docstring)."""
 
     def __init__(
         self,
@@ -197,9 +201,13 @@ class TrainStream(IterableDataset):
         start_batch: int = 0,
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
         max_bad_samples: int = DEFAULT_MAX_BAD_SAMPLES,
+        augment_on: str = "workers",
     ):
         if not isinstance(transform, TrainTransform):
             raise TypeError("TrainStream takes a TrainTransform")
+        if augment_on not in ("workers", "device"):
+            raise ValueError(f"augment_on {augment_on!r}: expected 'workers' or 'device'")
+        self.augment_on = augment_on
         self.source, self.transform, self.batch_size = source, transform, batch_size
         self.batches_per_epoch, self.rank, self.world_size = batches_per_epoch, rank, world_size
         self.seed, self.start_batch, self.shuffle_buffer = seed, start_batch, max(1, shuffle_buffer)
@@ -263,7 +271,7 @@ class TrainStream(IterableDataset):
     def _batches(self, epoch: int, worker: int, workers: int, skip: int, bad: BadLog) -> Iterator[dict[str, Any]]:
         """This worker's batches of ``epoch``, from its ``skip``-th on (skipped samples are
         not decoded); it serves the rank's batches ``worker``, ``worker + workers``, ..."""
-        images, masks, keys = [], [], []
+        images, masks, keys, params = [], [], [], []
         position = 0  # samples handed out (or skipped) so far: the place in the worker's share
         batch_index = worker + skip * workers  # the rank's batch being filled
         share = len(range(worker, self.batches_per_epoch, workers)) * self.batch_size
@@ -283,26 +291,30 @@ class TrainStream(IterableDataset):
                 continue
             misses = 0
             image, mask = pair
-            # Each sample's augmentation is seeded by its place in the epoch (rank, batch,
-            # slot), so it does not depend on what was skipped or where it is augmented;
-            # fork_rng keeps the caller's RNG untouched.
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(
-                    derive_seed(self.seed, epoch, self.rank, batch_index, len(images), 1))
-                image, mask = self.transform(image, mask)
+            # Each sample's parameters are drawn from its place in the epoch (rank, batch,
+            # slot), so they do not depend on what was skipped or where it is augmented.
+            rng = random.Random(derive_seed(self.seed, epoch, self.rank, batch_index, len(images), 1))
+            params.append(self.transform.draw(rng, *mask.shape[-2:]))
             position += 1
-            images.append(image)
-            masks.append(mask)
+            images.append(image.as_subclass(torch.Tensor))
+            masks.append(mask.as_subclass(torch.Tensor))
             keys.append(sample["__key__"])
             if len(images) == self.batch_size:
-                image_batch, mask_batch = collate(images, masks, self.pad_label)
-                yield bad.tag({"image": image_batch, "mask": mask_batch, "keys": keys})
-                images, masks, keys = [], [], []
+                yield bad.tag(self._batch(images, masks, torch.tensor(params, dtype=torch.float64), keys))
+                images, masks, keys, params = [], [], [], []
                 batch_index += workers
                 if batch_index >= self.batches_per_epoch:
                     return
         if bad.stop:
             yield bad.error_batch()
+
+    def _batch(self, images: list[torch.Tensor], masks: list[torch.Tensor], params: torch.Tensor,
+               keys: list[str]) -> dict[str, Any]:
+        if self.augment_on == "device":  # decoded samples and their parameters, augmented where they land
+            image_batch, mask_batch = collate(images, masks, self.pad_label, torch.uint8)
+            return {"image": image_batch, "mask": mask_batch, "aug": params, "keys": keys}
+        image_batch, mask_batch = self.transform.apply_batch(images, masks, params)
+        return {"image": image_batch, "mask": mask_batch, "keys": keys}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

@@ -151,11 +151,10 @@ def build_loss(config: TrainConfig, data, device) -> torch.nn.Module:
 
 def setup(config: TrainConfig) -> Run:
     """Build the run, on every rank the same way, and load the checkpoint to resume from."""
-    from unetseg.batch import BatchHook
     from unetseg.checkpoint import load_checkpoint
     from unetseg.runstate import check_setup, choose_start, run_setup
-    from unetseg.runtime import channels_last, check_sync_bn, process_state
-    from unetseg.train_data import open_train_data
+    from unetseg.runtime import check_sync_bn, process_state
+    from unetseg.train_data import batch_hook, open_train_data
     from unetseg.validation import eval_model
 
     rc = config.run
@@ -170,7 +169,7 @@ def setup(config: TrainConfig) -> Run:
     setup_now = run_setup(config, accelerator.num_processes, data.train, net_options(config, data).to_dict())
     run = Run(config, accelerator, run_dir, resume_from, resumed or TrainerState(setup=setup_now), data, net, model, forward,
               optimizer, scheduler, build_loss(config, data, accelerator.device),
-              BatchHook(accelerator.device, channels_last(config, accelerator.device)),
+              batch_hook(config, accelerator.device, data),
               eval_model(config, accelerator.device, net, data), total_steps, eval_every, rc.save_every or eval_every, tracker)
     if resume_from and not (finished(run) and (run_dir / "final" / WEIGHTS_FILE).is_file()):
         check_setup(run.state.setup, setup_now, resume_from)
@@ -199,7 +198,8 @@ def start_reporting(run: Run) -> None:
         print(config.to_yaml(), end="")
         print(f"{describe_model(run.net)}; {world} process(es) on {accelerator.device.type}, mixed precision "
               f"{accelerator.mixed_precision}{', channels_last' if channels_last(config, accelerator.device) else ''}"
-              f"{', compiled' if compiled(config, accelerator.device) else ''}; "
+              f"{', compiled' if compiled(config, accelerator.device) else ''}, augmentation "
+              f"{'in loader workers' if run.data.augment_on == 'workers' else 'on ' + accelerator.device.type}; "
               f"{run.total_steps} steps of {dc.batch_size} x {world} x {config.optim.grad_accum} images "
               f"({run.data.steps_per_epoch} per epoch); run dir {run.run_dir}"
               + (f"; resuming from {run.resume_from} at step {ts.step}" if run.resume_from else ""), flush=True)

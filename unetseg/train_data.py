@@ -1,5 +1,6 @@
 """What training reads: the training and validation shards (the embedded synthetic set by
-default), the augmentation of each, and the loaders that stream them to every rank.
+default), the augmentation of each, the loaders that stream them to every rank, and the
+batch hook that takes them onto the device (augmenting there when ``augment_on`` says so).
 
 Validation never reads a training shard, and its classes must be the training data's:
 both are checked before anything is trained.
@@ -30,6 +31,8 @@ class TrainData:
     train_tf: Any
     eval_tf: Any
     steps_per_epoch: int
+    augment_on: str = "workers"
+    """Where training augmentation runs: ``workers`` or ``device`` (:mod:`unetseg.augment`)."""
 
     @property
     def info(self):
@@ -92,7 +95,8 @@ def open_train_data(config: TrainConfig, state) -> TrainData:
     """The run's shards and transforms; an epoch visits every training sample at most once
     (all but fewer than a step's worth per rank)."""
     from unetseg.stream import batches_per_epoch
-    from unetseg.transforms import EvalTransform, EvalTransformConfig, TrainTransform, TrainTransformConfig
+    from unetseg.augment import TrainTransform, TrainTransformConfig, augment_on
+    from unetseg.transforms import EvalTransform, EvalTransformConfig
 
     dc = config.data
     train, val = open_sources(config, ensure_default_data(config, state))
@@ -103,7 +107,7 @@ def open_train_data(config: TrainConfig, state) -> TrainData:
     eval_tf = EvalTransform(EvalTransformConfig(resize=dc.eval_resize))
     accum = config.optim.grad_accum
     steps = batches_per_epoch(train.num_samples, dc.batch_size, state.num_processes, accum) // accum
-    return TrainData(train, val, train_tf, eval_tf, steps)
+    return TrainData(train, val, train_tf, eval_tf, steps, augment_on(dc.augment_on, state.device))
 
 
 def train_batches(config: TrainConfig, data: TrainData, rank: int, world: int, start_step: int, stats) -> Iterator[dict[str, Any]]:
@@ -114,7 +118,8 @@ def train_batches(config: TrainConfig, data: TrainData, rank: int, world: int, s
     dc, accum = config.data, config.optim.grad_accum
     stream = TrainStream(data.train, data.train_tf, dc.batch_size, batches_per_epoch=data.steps_per_epoch * accum,
                          rank=rank, world_size=world, seed=config.run.seed, start_batch=start_step * accum,
-                         shuffle_buffer=dc.shuffle_buffer, max_bad_samples=dc.max_bad_samples)
+                         shuffle_buffer=dc.shuffle_buffer, max_bad_samples=dc.max_bad_samples,
+                         augment_on=data.augment_on)
     return iterate(make_loader(stream, dc.num_workers), stats)
 
 
@@ -127,3 +132,14 @@ def eval_loader(config: TrainConfig, data: TrainData, rank: int, world: int):
     stream = EvalStream(data.val, data.eval_tf, dc.eval_batch_size or dc.batch_size, rank=rank, world_size=world,
                         max_bad_samples=dc.max_bad_samples)
     return make_loader(stream, dc.num_workers)
+
+
+def batch_hook(config: TrainConfig, device, data: TrainData):
+    """What every batch goes through on the device: the move there, the training
+    augmentation when it runs there, and the memory format."""
+    from unetseg.augment import DeviceAugment
+    from unetseg.batch import BatchHook
+    from unetseg.runtime import channels_last
+
+    steps = [DeviceAugment(data.train_tf)] if data.augment_on == "device" else []
+    return BatchHook(device, channels_last(config, device), steps)

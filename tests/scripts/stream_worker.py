@@ -16,7 +16,8 @@ from unetseg.badsamples import StreamStats
 from unetseg.sources import open_source
 from unetseg.loaders import iterate, make_loader
 from unetseg.stream import EvalStream, TrainStream, batches_per_epoch
-from unetseg.transforms import EvalTransform, EvalTransformConfig, TrainTransform, TrainTransformConfig
+from unetseg.augment import TrainTransform, TrainTransformConfig
+from unetseg.transforms import EvalTransform, EvalTransformConfig
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
