@@ -16,7 +16,10 @@ configuration that runs out of memory is reported as such and the sweep goes on.
 Part 2, the loader (with ``--data``): the training stream with the GPU recipe's
 augmentation (random scale 0.5-2.0, crops of ``--size``, flips, colour jitter) over
 ``--workers`` worker processes, in images/s, set against the best model figure: if the
-loader is slower, training on this machine is input-bound and that is its ceiling.
+loader is slower, training on this machine is input-bound and that is its ceiling. Each
+worker count is timed twice: augmenting in the workers (``augment_on: workers``), and
+with the workers only decoding while the device augments (``augment_on: device``; the
+batches go through the training batch hook on ``--device``, synchronised per batch).
 
 Part 3, the model compiled (``--compile``, default on for CUDA): the best bf16
 configuration's step under ``torch.compile``, and the FLOPs of one image's forward and
@@ -25,15 +28,18 @@ hence the model FLOP utilisation (MFU) against ``--peak-tflops`` (default: 790 f
 H100/H200 in bf16, else not reported).
 
 Part 4, end to end (``--e2e-steps N``): ``python -m unetseg.train`` with ``--e2e-config``
-(default the GPU recipe) for N steps at each ``--workers`` count, the median of its logged
-images/s (the first log, which holds start-up and compilation, left out).
+(default the GPU recipe) for N steps at each ``--workers`` count and each ``augment_on``,
+the median of its logged images/s (the first log, which holds start-up and compilation,
+left out).
 
 Prints tables and, last, one JSON object (``images_per_s`` keyed by configuration,
 ``baseline_images_per_s`` for fp32 contiguous at the largest batch size that fits,
-``best``, ``loader_images_per_s`` and ``bound`` at the first ``--workers`` count,
+``best``, ``loader_images_per_s`` and ``bound`` at the first ``--workers`` count with
+augmentation where ``auto`` puts it for ``--device``, ``loader_by_setting``,
 ``flops_per_image``, ``compiled_model_images_per_s``, ``e2e_images_per_s`` at the first
-``--workers`` count, ``e2e_over_model`` (against the compiled model when there is one)
-and ``mfu`` of that end-to-end rate).
+``--workers`` count (augmentation as ``auto`` puts it), ``e2e_by_setting``,
+``e2e_over_model`` (against the compiled model when there is one) and ``mfu`` of that
+end-to-end rate).
 """
 
 from __future__ import annotations
@@ -108,13 +114,13 @@ def flops_per_image(*, width: int, depth: int, classes: int, size: tuple[int, in
     return float(counter.get_total_flops())
 
 
-def e2e_rate(config: str, data: str, workers: int, steps: int, extra: list[str]) -> float:
+def e2e_rate(config: str, data: str, workers: int, steps: int, extra: list[str], augment_on: str) -> float:
     """Median logged images/s of ``python -m unetseg.train`` for ``steps`` steps."""
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "unetseg.train", "--config", config, "--data", data, "--num-workers", str(workers),
                "--max-steps", str(steps), "--eval-every", str(steps), "--log-every", str(max(1, steps // 10)),
-               "--warmup-steps", "0", "--tracker", "none", "--output-dir", str(run), *extra]
+               "--warmup-steps", "0", "--tracker", "none", "--augment-on", augment_on, "--output-dir", str(run), *extra]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         result = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if result.returncode != 0:
@@ -124,20 +130,33 @@ def e2e_rate(config: str, data: str, workers: int, steps: int, extra: list[str])
     return statistics.median(rates[1:] or rates)
 
 
-def loader_rate(data: str, size: tuple[int, int], batch: int, workers: int, num: int, warmup: int) -> float:
+def loader_rate(data: str, size: tuple[int, int], batch: int, workers: int, num: int, warmup: int,
+                augment_on: str, device: torch.device) -> float:
+    """Images/s of the training stream as training consumes it: through the batch hook on
+    ``device`` (which augments when ``augment_on`` is ``device``), synchronised per batch."""
     from loader import rate  # benchmarks/loader.py, beside this file
 
+    from unetseg.augment import DeviceAugment, TrainTransform, TrainTransformConfig
     from unetseg.badsamples import StreamStats
-    from unetseg.sources import open_source
+    from unetseg.batch import BatchHook
     from unetseg.loaders import iterate, make_loader
+    from unetseg.sources import open_source
     from unetseg.stream import TrainStream, batches_per_epoch
-    from unetseg.augment import TrainTransform, TrainTransformConfig
 
     source = open_source(data, "train")
     tf = TrainTransform(TrainTransformConfig(crop_size=size, scale_range=(0.5, 2.0), jitter=0.2),
                         source.info.classes.ignore_label)
-    stream = TrainStream(source, tf, batch, batches_per_epoch=batches_per_epoch(source.num_samples or 1000, batch, 1))
-    return rate(iterate(make_loader(stream, workers), StreamStats()), batch, num, warmup)
+    stream = TrainStream(source, tf, batch, batches_per_epoch=batches_per_epoch(source.num_samples or 1000, batch, 1),
+                         augment_on=augment_on)
+    hook = BatchHook(device, channels_last=device.type == "cuda", steps=[DeviceAugment(tf)])
+
+    def consumed():
+        for b in iterate(make_loader(stream, workers, pin_memory=device.type == "cuda"), StreamStats()):
+            out = hook(b)
+            sync(device)
+            yield out
+
+    return rate(consumed(), batch, num, warmup)
 
 
 def main() -> None:
@@ -244,22 +263,28 @@ def main() -> None:
                   model_mfu=mfu(model_rate))
 
     if args.data:
-        loaders = {w: loader_rate(args.data, size, args.loader_batch_size, w, args.loader_batches, warmup=max(2, w))
-                   for w in workers}
-        for w, loader in loaders.items():
-            print(f"loader: {loader:.1f} images/s with {w} workers (batch {args.loader_batch_size}, "
-                  f"{size[0]}x{size[1]} crops) = {loader / model_rate:.2f}x the model rate")
-        loader = loaders[workers[0]]
+        from unetseg.augment import augment_on
+
+        auto = augment_on("auto", device)
+        settings = [(w, where) for w in workers for where in ("workers", "device")]
+        loaders = {(w, where): loader_rate(args.data, size, args.loader_batch_size, w, args.loader_batches,
+                                           max(2, w), where, device) for w, where in settings}
+        for (w, where), loader in loaders.items():
+            print(f"loader, augmentation in {where}: {loader:.1f} images/s with {w} workers (batch "
+                  f"{args.loader_batch_size}, {size[0]}x{size[1]} crops) = {loader / model_rate:.2f}x the model rate")
+        loader = loaders[workers[0], auto]
         bound = "loader" if loader < best["images_per_s"] else "model"
-        result.update(loader_images_per_s=round(loader, 1), loader_workers=workers[0], bound=bound,
-                      loader_by_workers={str(w): round(v, 1) for w, v in loaders.items()})
+        result.update(loader_images_per_s=round(loader, 1), loader_workers=workers[0], loader_augment_on=auto,
+                      bound=bound, loader_by_setting={f"{where}_w{w}": round(v, 1) for (w, where), v in loaders.items()})
         if args.e2e_steps:
-            e2e = {w: e2e_rate(args.e2e_config, args.data, w, args.e2e_steps, args.e2e_args.split()) for w in workers}
-            for w, rate in e2e.items():
-                print(f"end to end: {rate:.1f} images/s with {w} workers = {rate / model_rate:.2f}x the model rate"
-                      + (f", MFU {100 * mfu(rate):.1f}%" if peak_tflops else ""))
-            rate = e2e[workers[0]]
-            result.update(e2e_images_per_s=round(rate, 1), e2e_by_workers={str(w): round(v, 1) for w, v in e2e.items()},
+            e2e = {(w, where): e2e_rate(args.e2e_config, args.data, w, args.e2e_steps, args.e2e_args.split(), where)
+                   for w, where in settings}
+            for (w, where), rate in e2e.items():
+                print(f"end to end, augmentation in {where}: {rate:.1f} images/s with {w} workers = "
+                      f"{rate / model_rate:.2f}x the model rate" + (f", MFU {100 * mfu(rate):.1f}%" if peak_tflops else ""))
+            rate = e2e[workers[0], auto]
+            result.update(e2e_images_per_s=round(rate, 1), e2e_augment_on=auto,
+                          e2e_by_setting={f"{where}_w{w}": round(v, 1) for (w, where), v in e2e.items()},
                           e2e_over_model=round(rate / model_rate, 3), mfu=mfu(rate))
     print(json.dumps(result))
 

@@ -3,9 +3,9 @@
 #  1. U-Net (width 32) training-step throughput at 360x480: fp32 and bf16, channels_last
 #     off and on, batch 8/16/32, peak memory, the best bf16 one compiled, FLOPs per image
 #     and MFU (benchmarks/gpu.py);
-#  2. the training stream's throughput at 4 and 12 workers against the model rate, and
-#     real training (the GPU recipe, E2E_STEPS steps, default 300) at each: is training
-#     here input-bound?
+#  2. the training stream's throughput at 4 and 12 workers, augmenting in the workers and
+#     on the GPU (data.augment_on), against the model rate, and real training (the GPU
+#     recipe, E2E_STEPS steps, default 300) for each: is training here input-bound?
 #  3. a short CamVid training with the GPU recipe (configs/camvid_gpu.yaml, 1000 steps):
 #     end-to-end images/s and val mIoU.
 # Run from anywhere:

@@ -55,6 +55,7 @@ def test_loader(tmp_path):
     out, _ = run_json("benchmarks/loader.py", "--data", str(tmp_path / "shards"), "--workers", "0", "--batch-size", "2",
                       "--crop-size", "32", "--batches", "2", "--warmup", "1")
     assert positive(out["samples_per_s"]) and positive(out["baseline_samples_per_s"])
+    assert positive(out["device_feed_samples_per_s"]) and positive(out["decode_only_samples_per_s"])
 
 
 @pytest.mark.multiprocess
@@ -74,7 +75,11 @@ def test_gpu_benchmark_runs_on_cpu(syn):
     out, text = run_json("benchmarks/gpu.py", "--data", str(syn), *GPU_ARGS, "--e2e-steps", "2", "--e2e-args",
                          "--model-width 4 --model-depth 2 --batch-size 2 --crop-size 32 --mixed-precision no")
     assert positive(out["flops_per_image"]) and out["compiled_model_images_per_s"] is None  # compile: auto, off on CPU
-    assert positive(out["e2e_images_per_s"]) and out["e2e_by_workers"] == {"0": out["e2e_images_per_s"]}
+    # Each worker count, augmenting in the workers and on the device; auto is workers on a CPU.
+    assert set(out["e2e_by_setting"]) == set(out["loader_by_setting"]) == {"workers_w0", "device_w0"}
+    assert all(positive(v) for v in [*out["e2e_by_setting"].values(), *out["loader_by_setting"].values()])
+    assert out["e2e_augment_on"] == out["loader_augment_on"] == "workers"
+    assert out["e2e_images_per_s"] == out["e2e_by_setting"]["workers_w0"]
     assert out["e2e_over_model"] == pytest.approx(out["e2e_images_per_s"] / out["best_images_per_s"], rel=0.01)
     assert out["mfu"] is None  # no peak FLOP/s known for a CPU
     keys = {f"{p}{cl}_b{b}" for p in ("fp32", "bf16") for cl in ("", "_cl") for b in (1, 2)}
