@@ -79,6 +79,26 @@ def test_report_agrees_with_a_direct_computation(tmp_path, trained):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_compiled_evaluation_compiles_once_and_gives_the_same_matrix(tmp_path, trained, capsys, monkeypatch):
+    """`--compile on` (torch.compile's graphs run eagerly, no inductor): 9 samples in
+    batches of 2 (the last short) go through one graph, and the matrix is the eager one."""
+    import functools
+
+    from torch._dynamo.testing import CompileCounter
+
+    from conftest import run_main
+
+    run_dir, data = trained
+    counter = CompileCounter()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    out = tmp_path / "report.json"
+    code, _, err = run_main("evaluate", [run_dir, "--data", data, "--out", out, "--batch-size", "2", "--num-workers", "0",
+                                         "--compile", "on"], capsys)
+    assert code == 0, err
+    assert counter.frame_count == 1
+    assert np.array_equal(np.array(json.loads(out.read_text())["confusion_matrix"]), direct_matrix(run_dir / "best", data))
+
+
 def test_other_shard_sizes_give_the_same_matrix(tmp_path, trained):
     run_dir, data = trained
     synth(tmp_path / "resharded", train=16, val=9, size="40x48", shard_size=2, workers=1, progress=False)

@@ -197,3 +197,25 @@ def test_refuses_to_overwrite_an_input(tmp_path, model_dir):
         predict(model_dir, [folder], folder, progress=False)
     assert (folder / "a.png").read_bytes() == before
     assert [p.name for p in folder.iterdir()] == ["a.png"]
+
+
+def test_compiled_prediction_compiles_once_for_sizes_that_round_alike(tmp_path, model_dir, monkeypatch):
+    """`compile="on"` (torch.compile's graphs run eagerly: seconds on a CPU): three image
+    sizes and a short batch that all pad to 32x40 share one graph, and the predictions
+    are the uncompiled model's."""
+    import functools
+
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i, (h, w) in enumerate([(30, 40), (29, 38), (31, 37), (30, 40), (30, 40)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    report = predict(model_dir, [folder], tmp_path / "out", batch_size=2, device="cpu", compile="on", progress=False)
+    assert report.num_written == 5
+    assert counter.frame_count == 1
+    for i in range(5):
+        check_outputs(tmp_path / "out", f"im{i}", folder / f"im{i}.png", model_dir, overlay=False)

@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-resize", help="H,W: feed the network resized images (default: as in training)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default: 2)")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: from accelerate launch, else no")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the model, batches padded to one shape so it compiles once "
+                        "(default: auto, on for CUDA)")
     p.add_argument("--allow-missing", type=int, default=0, metavar="N",
                    help="samples of the split that may be unreadable and left out of the score (default: 0, "
                         "every sample must be scored, else the exit code is 1)")
@@ -120,13 +123,27 @@ def score(args: argparse.Namespace, accelerator, model, source, classes, resize)
     from unetseg.stream import EvalStream
     from unetseg.transforms import EvalTransform, EvalTransformConfig
 
-    predictor = TTA(model.to(accelerator.device).eval(), args.tta)
+    predictor = TTA(maybe_compiled(args, model.to(accelerator.device).eval(), accelerator.device, source, resize), args.tta)
     stats = StreamStats(max_bad_samples=None)
     stream = EvalStream(source, EvalTransform(EvalTransformConfig(resize=resize)), args.batch_size,
                         rank=accelerator.process_index, world_size=accelerator.num_processes, max_bad_samples=None)
     cm, _ = confusion_matrix(predictor, iterate(make_loader(stream, args.num_workers), stats), classes.num_classes,
                              classes.ignore_label, classes.names, accelerator.device, accelerator.autocast)
     return cm.reduce().compute(), stats
+
+
+def maybe_compiled(args: argparse.Namespace, model, device, source, resize):
+    """The model, or compiled over batches padded to the split's largest image (or the
+    eval resize): one shape for the whole split."""
+    from unetseg.runtime import compile_on
+    from unetseg.scoring import compiled_model
+
+    if not compile_on(args.compile, device):
+        return model
+    split = source.info.splits.get(args.split)
+    listed = split.image_sizes if split is not None else {}  # unknown: each batch rounded up to the multiple
+    sizes = [[int(v) for v in size.split("x")] for size in listed] if resize is None else [list(resize)]
+    return compiled_model(model, args.batch_size, max((h for h, _ in sizes), default=0), max((w for _, w in sizes), default=0))
 
 
 def write_report(report: dict, result: SegmentationMetrics, out: Path, stats) -> None:

@@ -132,11 +132,14 @@ def default_device() -> str:
 class Segmenter:
     """A saved model ready to predict class ids for batches of equal-size RGB images."""
 
-    def __init__(self, model_path: str | os.PathLike, device: str | None = None):
+    def __init__(self, model_path: str | os.PathLike, device: str | None = None, compile: str = "auto",
+                 batch_size: int = 4):
         import torch
 
         from unetseg.checkpoint import load_model
         from unetseg.models import saved_model_options
+        from unetseg.runtime import compile_on
+        from unetseg.scoring import compiled_model
         from unetseg.transforms import size_pair
 
         model, config, info = load_model(model_path)
@@ -148,6 +151,10 @@ class Segmenter:
             )
         self.device = torch.device(device or default_device())
         self.model = model.to(self.device).eval()
+        if compile_on(compile, self.device):
+            # Batches padded to batch_size and to the model's own multiple: one graph per
+            # rounded size, predictions exactly the uncompiled model's.
+            self.model = compiled_model(self.model, batch_size)
         self.config = config
         self.classes = info.classes
         self.palette = np.zeros((256, 3), dtype=np.uint8)
@@ -294,12 +301,14 @@ def predict(
     batch_size: int = 4,
     device: str | None = None,
     progress: bool = True,
+    compile: str = "auto",
 ) -> PredictReport:
     """Segment every image named by ``inputs`` with the model saved at ``model_path`` (a
     run dir, or its best/ or final/ folder) into ``out_dir``; see the module docstring.
 
     ``device``: a torch device string; default ``cuda`` when available, else ``cpu``.
-    ``progress``: a rich progress bar on stderr. Raises :class:`UnetsegError` before
+    ``progress``: a rich progress bar on stderr. ``compile``: ``auto|on|off``, torch.compile
+    the model (auto: on CUDA). Raises :class:`UnetsegError` before
     writing anything for a bad option, input or model; a file that cannot be read or
     written is a failure in the report instead.
     """
@@ -309,7 +318,7 @@ def predict(
     stems = output_stems(paths)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, paths, stems, overlay)
-    segment = Segmenter(model_path, device)
+    segment = Segmenter(model_path, device, compile, batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     writer = _Writer(paths, stems, out_dir, overlay, alpha, segment.palette)
@@ -330,7 +339,8 @@ def predict(
 
 
 def main_predict(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                 overlay: bool = False, alpha: float = 0.5, batch_size: int = 4, device: str | None = None) -> int:
+                 overlay: bool = False, alpha: float = 0.5, batch_size: int = 4, device: str | None = None,
+                 compile: str = "auto") -> int:
     """``unetseg predict``: run :func:`predict`, print a summary to stdout and the failures
     to stderr. Returns the exit code: 0 when every input was written, 1 when any failed.
     A :class:`UnetsegError` (bad option, input or model) propagates to the CLI."""
@@ -338,7 +348,7 @@ def main_predict(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
 
     stdout, stderr = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
     report = predict(model, inputs, out, overlay=overlay, alpha=alpha, batch_size=batch_size, device=device,
-                     progress=stderr.is_terminal)
+                     progress=stderr.is_terminal, compile=compile)
     for path, stem in list(report.renamed.items())[:10]:
         stdout.print(f"{path}: shares its name with another input, written as {stem}.png", markup=False, highlight=False)
     if len(report.renamed) > 10:

@@ -85,7 +85,13 @@ def channels_last(config, device: torch.device) -> bool:
 
 def compiled(config, device: torch.device) -> bool:
     """Whether the model is compiled (``run.compile``; auto: CUDA)."""
-    return config.run.compile == "on" or (config.run.compile == "auto" and device.type == "cuda")
+    return compile_on(config.run.compile, device)
+
+
+def compile_on(choice: str, device: torch.device) -> bool:
+    """``auto|on|off`` to a yes or no: auto compiles on CUDA only (on a CPU, compiling
+    takes minutes and rarely pays)."""
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
 
 
 def check_sync_bn(sync_bn: bool, state) -> None:

@@ -58,25 +58,39 @@ class TTA(nn.Module):
 
 
 class FixedShape(nn.Module):
-    """Runs ``model`` on every batch padded (zeros, bottom/right, and up to ``batch``
-    samples) to one shape, and crops the logits back: a compiled ``model`` then compiles
-    once for a whole evaluation instead of once per image size or short last batch. Wrap
-    the compiled model (the padding must stay outside the graph); the model must treat
-    samples independently (eval-mode normalisation does)."""
+    """Runs ``model`` on every batch padded (zeros, bottom/right) to at least ``height`` x
+    ``width``, H and W rounded up to a multiple of ``multiple``, and to ``batch``
+    samples, then crops the logits back: a compiled ``model`` then compiles once for all
+    the sizes that round to one shape, instead of once per image size or short last
+    batch. With ``multiple`` the model's own padding multiple and no minimum size, every
+    prediction is exactly the uncompiled model's (it pads so itself). Wrap the compiled
+    model (the padding must stay outside the graph); the model must treat samples
+    independently (eval-mode normalisation does)."""
 
-    def __init__(self, model: nn.Module, batch: int, height: int, width: int):
+    def __init__(self, model: nn.Module, batch: int, height: int = 0, width: int = 0, multiple: int = 1):
         super().__init__()
-        self.model, self.shape = model, (batch, height, width)
+        self.model, self.batch, self.size, self.multiple = model, batch, (height, width), max(1, multiple)
+
+    def shape(self, h: int, w: int) -> tuple[int, int]:
+        """The padded H, W for an input of ``h`` x ``w``."""
+        m = self.multiple
+        return -(-max(self.size[0], h) // m) * m, -(-max(self.size[1], w) // m) * m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        batch, height, width = self.shape
-        if n > batch or h > height or w > width:  # larger than planned: run it as it is
+        if n > self.batch:  # more than planned: run it as it is
             return self.model(x)
+        height, width = self.shape(h, w)
         padded = F.pad(x, (0, width - w, 0, height - h))
-        if n < batch:
-            padded = torch.cat([padded, padded.new_zeros((batch - n, *padded.shape[1:]))])
+        if n < self.batch:
+            padded = torch.cat([padded, padded.new_zeros((self.batch - n, *padded.shape[1:]))])
         return self.model(padded)[:n, :, :h, :w]
+
+
+def compiled_model(net: nn.Module, batch: int, height: int = 0, width: int = 0) -> FixedShape:
+    """``torch.compile(net)`` behind a :class:`FixedShape` at ``net``'s own padding multiple:
+    for evaluation (``height`` x ``width``: the largest input) and prediction (any size)."""
+    return FixedShape(torch.compile(net), batch, height, width, getattr(net, "pad_multiple", 32))
 
 
 @torch.no_grad()

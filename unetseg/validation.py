@@ -91,7 +91,7 @@ def eval_model(config, device: torch.device, net: torch.nn.Module, data) -> torc
     (the split's largest image, or ``eval_resize``, rounded up to the model's own padding
     multiple, so a split of one image size is scored exactly as without compiling)."""
     from unetseg.runtime import compiled
-    from unetseg.scoring import FixedShape
+    from unetseg.scoring import compiled_model
 
     if not compiled(config, device):
         return net
@@ -101,6 +101,4 @@ def eval_model(config, device: torch.device, net: torch.nn.Module, data) -> torc
     else:
         sizes = [[int(v) for v in size.split("x")] for size in data.val.info.split(dc.val_split).image_sizes]
         height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
-    m = getattr(net, "pad_multiple", 32)
-    shape = (dc.eval_batch_size or dc.batch_size, -(-height // m) * m, -(-width // m) * m)
-    return FixedShape(torch.compile(net), *shape)  # padded outside the compiled graph: one shape inside
+    return compiled_model(net, dc.eval_batch_size or dc.batch_size, height, width)  # one shape inside the graph
