@@ -121,9 +121,9 @@ class TrainTransform:
         """One sample's parameters (a row of :data:`PARAMS`) for a ``height`` x ``width``
         source, drawn from ``rng`` in a fixed order."""
         c = self.config
-        if self.resize is not None:
-            (sy, sh, oy, oh, ch), (sx, sw, ox, ow, cw) = (0, height, 0, self.resize[0], self.resize[0]), \
-                (0, width, 0, self.resize[1], self.resize[1])
+        if self.resize is not None:  # the whole image to one size
+            (oh, ow), (ch, cw) = self.resize, self.resize
+            sy, sx, sh, sw, oy, ox = 0, 0, height, width, 0, 0
         else:
             lo, hi = c.scale_range
             scale = lo + (hi - lo) * rng.random() if hi > lo else lo
