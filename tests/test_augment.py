@@ -183,3 +183,13 @@ def test_augment_on_auto_is_the_device_for_a_gpu_only():
 def test_bad_options_name_the_value(config, message):
     with pytest.raises(UnetsegError, match=message):
         TrainTransform(config, IGNORE)
+
+
+def test_tiny_images_and_one_pixel_outputs_augment():
+    """A 2x2 image scaled by a half is one pixel (torch's uint8 antialiased kernel fails on
+    a 1x1 output: the float path takes it)."""
+    image, mask = coordinate_pair(2, 2)
+    t = TrainTransform(TrainTransformConfig(crop_size=4, scale_range=(0.5, 0.5), jitter=0.2), IGNORE)
+    out_image, out_mask = t(image, mask, random.Random(0))
+    assert out_image.shape == (3, 4, 4) and (out_mask != IGNORE).sum() == 1
+    assert torch.isfinite(out_image).all()

@@ -87,3 +87,18 @@ def test_fixed_shape_compiles_once_for_every_eval_size_and_batch():
         for x in inputs:
             plain(x)
     assert counter.frame_count > 1  # what the padding saves
+
+
+def test_fixed_shape_keeps_channels_last_for_a_short_batch():
+    """The short last batch is padded with the others' strides, so a compiled model fed
+    channels_last batches needs no second graph for it."""
+    from torch._dynamo.testing import CompileCounter
+
+    per_pixel = nn.Conv2d(3, 5, 1).eval().to(memory_format=torch.channels_last)
+    counter = CompileCounter()
+    fixed = FixedShape(torch.compile(per_pixel, backend=counter), 4, 32, 48)
+    with torch.no_grad():
+        for n in (4, 4, 3):
+            x = torch.randn(n, 3, 30, 40).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(fixed(x), per_pixel(x))
+    assert counter.frame_count == 1

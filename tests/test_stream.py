@@ -240,3 +240,22 @@ def _readable(shard: Path):
         return
 
 
+
+
+def test_a_16_bit_mask_is_a_bad_sample_not_wrapped_labels():
+    """Labels above 255 would wrap in the uint8 batches: such a mask is refused by name."""
+    import io
+
+    from PIL import Image
+
+    from unetseg.stream import decode_pair
+
+    def png(array):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return buf.getvalue()
+
+    image = png(np.zeros((4, 5, 3), np.uint8))
+    with pytest.raises(ValueError, match="16-bit"):
+        decode_pair({"png": image, "mask.png": png(np.full((4, 5), 300, np.uint16))})
+    assert decode_pair({"png": image, "mask.png": png(np.full((4, 5), 3, np.uint8))})[1].dtype == torch.uint8

@@ -12,8 +12,11 @@ One augmentation, two places to run it (``data.augment_on``):
     augments it where it lands (the GPU).
 
 Both places call the same :meth:`TrainTransform.apply_batch` on the same parameters, so
-for the same seed they give the same masks, bit for bit, and images equal to within
-floating-point rounding of the device's kernels.
+for the same seed they give the same masks, bit for bit, and the same images to within
+the device's rounding: on a CPU exactly (up to float error), on a GPU within 1/255 of a
+pixel value before normalisation (torchvision resizes uint8 images on a CPU with a
+fixed-point kernel and on CUDA in float32, rounded back; about a fifth of the resized
+pixels differ by one level).
 
 Parameters (:meth:`TrainTransform.draw`)
     Drawn per sample from a ``random.Random`` seeded by the sample's place in the epoch
@@ -161,7 +164,9 @@ class TrainTransform:
             image = images[i][:, sy:sy + sh, sx:sx + sw]
             mask = masks[i][sy:sy + sh, sx:sx + sw]
             if (oh, ow) != (sh, sw):
-                image = F.resize(image, [oh, ow], antialias=True)
+                # torch's uint8 antialiased kernel fails for a 1x1 output; float does not.
+                image = F.resize(image, [oh, ow], antialias=True) if oh * ow > 1 else \
+                    F.resize(image.float(), [oh, ow], antialias=True).round_().clamp_(0, 255).to(torch.uint8)
                 mask = F.resize(mask[None], [oh, ow], interpolation=InterpolationMode.NEAREST_EXACT)[0]
             if flip:
                 image, mask = image.flip(-1), mask.flip(-1)

@@ -159,8 +159,9 @@ def predict(
     alpha: float = typer.Option(0.5, help="Weight of the colour mask in the overlay (0..1)."),
     batch_size: int = typer.Option(4, help="Images per forward pass (images of one size are batched together)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1, ... (default: cuda when available)."),
-    compile: Compile = typer.Option(Compile.auto, help="torch.compile the model; batches are padded to the model's "
-                                    "own size multiple, so sizes that round alike share one graph (auto: on for CUDA)."),
+    compile: Compile = typer.Option(Compile.off, help="torch.compile the model (auto: on for CUDA): worth it for many "
+                                    "images; batches are padded to the model's own size multiple, so sizes that round "
+                                    "alike share one graph, and the predictions are the uncompiled model's."),
 ) -> None:
     """Segment images: a class-index PNG and a colour PNG per input, at the input's size."""
     from unetseg.predict import main_predict

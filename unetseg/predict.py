@@ -132,7 +132,7 @@ def default_device() -> str:
 class Segmenter:
     """A saved model ready to predict class ids for batches of equal-size RGB images."""
 
-    def __init__(self, model_path: str | os.PathLike, device: str | None = None, compile: str = "auto",
+    def __init__(self, model_path: str | os.PathLike, device: str | None = None, compile: str = "off",
                  batch_size: int = 4):
         import torch
 
@@ -152,8 +152,8 @@ class Segmenter:
         self.device = torch.device(device or default_device())
         self.model = model.to(self.device).eval()
         if compile_on(compile, self.device):
-            # Batches padded to batch_size and to the model's own multiple: one graph per
-            # rounded size, predictions exactly the uncompiled model's.
+            # Batches padded to batch_size and to the model's own multiple: sizes that round
+            # alike share a graph, and predictions are exactly the uncompiled model's.
             self.model = compiled_model(self.model, batch_size)
         self.config = config
         self.classes = info.classes
@@ -301,14 +301,15 @@ def predict(
     batch_size: int = 4,
     device: str | None = None,
     progress: bool = True,
-    compile: str = "auto",
+    compile: str = "off",
 ) -> PredictReport:
     """Segment every image named by ``inputs`` with the model saved at ``model_path`` (a
     run dir, or its best/ or final/ folder) into ``out_dir``; see the module docstring.
 
     ``device``: a torch device string; default ``cuda`` when available, else ``cpu``.
-    ``progress``: a rich progress bar on stderr. ``compile``: ``auto|on|off``, torch.compile
-    the model (auto: on CUDA). Raises :class:`UnetsegError` before
+    ``progress``: a rich progress bar on stderr. ``compile``: ``off|on|auto``, torch.compile
+    the model (auto: on CUDA); it pays for many images, not for a few (compiling takes
+    tens of seconds). Raises :class:`UnetsegError` before
     writing anything for a bad option, input or model; a file that cannot be read or
     written is a failure in the report instead.
     """
@@ -340,7 +341,7 @@ def predict(
 
 def main_predict(model: str | os.PathLike, inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
                  overlay: bool = False, alpha: float = 0.5, batch_size: int = 4, device: str | None = None,
-                 compile: str = "auto") -> int:
+                 compile: str = "off") -> int:
     """``unetseg predict``: run :func:`predict`, print a summary to stdout and the failures
     to stderr. Returns the exit code: 0 when every input was written, 1 when any failed.
     A :class:`UnetsegError` (bad option, input or model) propagates to the CLI."""

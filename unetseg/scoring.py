@@ -81,9 +81,9 @@ class FixedShape(nn.Module):
         if n > self.batch:  # more than planned: run it as it is
             return self.model(x)
         height, width = self.shape(h, w)
-        padded = F.pad(x, (0, width - w, 0, height - h))
-        if n < self.batch:
-            padded = torch.cat([padded, padded.new_zeros((self.batch - n, *padded.shape[1:]))])
+        # One pad for the batch too: it keeps the memory format (channels_last), so the
+        # short last batch has the same strides as the others and needs no graph of its own.
+        padded = F.pad(x, (0, width - w, 0, height - h, 0, 0, 0, self.batch - n))
         return self.model(padded)[:n, :, :h, :w]
 
 

@@ -86,6 +86,8 @@ def decode_pair(sample: dict[str, Any]) -> tuple[tv_tensors.Image, tv_tensors.Ma
         raise ValueError(f"does not decode ({e})") from None
     if mask.shape[0] != 1:
         raise ValueError(f"mask has {mask.shape[0]} channels, expected 1")
+    if mask.dtype != torch.uint8:
+        raise ValueError(f"mask is {mask.dtype} (a 16-bit PNG?), expected 8-bit class ids; `unetseg pack` writes those")
     if image.shape[1:] != mask.shape[1:]:
         raise ValueError(f"image is {tuple(image.shape[1:])} but mask is {tuple(mask.shape[1:])}")
     return tv_tensors.Image(image), tv_tensors.Mask(mask[0])
