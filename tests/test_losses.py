@@ -70,7 +70,7 @@ def test_ce_without_ignore_index():
     torch.testing.assert_close(loss, F.cross_entropy(logits, target))
 
 
-@pytest.mark.parametrize("kind", ["ce", "dice", "ce+dice"])
+@pytest.mark.parametrize("kind", ["ce", "dice", "ce+dice", "lovasz", "ohem", "ce+lovasz+ohem"])
 @pytest.mark.parametrize("weight", [None, [1.0, 2.0, 3.0]])
 def test_all_ignored_batch_gives_zero_and_zero_grads(kind, weight):
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
@@ -167,6 +167,8 @@ def test_ce_plus_dice_is_ce_plus_weighted_dice():
         ({"label_smoothing": 1.0}, "label_smoothing 1.0"),
         ({"dice_weight": -1}, "dice_weight -1"),
         ({"class_weights": [1.0, -1.0]}, "[-1.0]"),
+        ({"ohem_threshold": 0}, "ohem_threshold 0"),
+        ({"ohem_min_kept": 1.5}, "ohem_min_kept 1.5"),
     ],
 )
 def test_loss_validation_names_value_and_fix(kwargs, needle):
@@ -181,7 +183,7 @@ def test_class_weight_count_must_match_model():
         SegmentationLoss("ce", ignore_index=IGNORE, class_weights=[1.0, 1.0, 1.0])(logits, target)
 
 
-@pytest.mark.parametrize("kind", ["ce", "dice", "ce+dice"])
+@pytest.mark.parametrize("kind", ["ce", "dice", "ce+dice", "lovasz", "ohem"])
 def test_padding_is_ignored_when_the_dataset_has_no_ignore_index(kind):
     """Crops and batches pad masks with ClassInfo.ignore_label (255 when the dataset has no
     ignore_index): the loss over a padded batch equals the loss over the real pixels."""
@@ -235,7 +237,7 @@ def toy(registry):
 
 
 def test_builtin_losses_are_registered():
-    assert loss_names() == ("ce", "dice")
+    assert loss_names() == ("ce", "dice", "lovasz", "ohem")
 
 
 def test_registered_loss_is_usable_in_a_sum(toy):
@@ -282,7 +284,7 @@ def test_register_loss_rejects_bad_and_taken_names(registry):
     for name in ["", "a+b", "0.5", "two words", "a*b"]:
         with pytest.raises(ValueError, match="must be letters"):
             register_loss(name)
-    assert loss_names() == ("ce", "dice")
+    assert loss_names() == ("ce", "dice", "lovasz", "ohem")
 
 
 def test_term_must_return_a_scalar_float32(registry):

@@ -449,3 +449,16 @@ def test_augmentation_on_the_device_trains_as_augmentation_in_workers(tmp_path, 
     assert device_evals[-1]["mIoU"] == pytest.approx(worker_evals[-1]["mIoU"], abs=1e-3)
     a, b = weights(tmp_path / "device" / "final"), weights(tmp_path / "workers" / "final")
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_lovasz_and_ohem_losses_train_with_their_settings(tmp_path, data, capsys):
+    from conftest import run_main
+
+    code, out, err = run_main("train", ["--data", data, *TINY, "--max-steps", "4", "--log-every", "2", "--eval-every", "4",
+                                        "--loss", "ohem+0.5*lovasz", "--ohem-threshold", "0.9", "--ohem-min-kept", "0.2",
+                                        "--output-dir", tmp_path / "run"], capsys)
+    assert code == 0, err
+    logs, evals = metrics(tmp_path / "run")
+    assert all(0 < r["loss"] < 10 for r in logs) and evals
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "loss: ohem+0.5*lovasz" in saved and "ohem_threshold: 0.9" in saved and "ohem_min_kept: 0.2" in saved

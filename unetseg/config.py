@@ -101,10 +101,12 @@ class LossConfig(Options):
 
     loss: str = Field("ce", json_schema_extra=explained("registered losses joined with +, each with an optional weight*, "
                                                         "e.g. ce, dice, ce+dice, ce+0.5*dice"),
-                      description="Loss: a registered loss (unetseg.losses: ce, dice, ...) or a weighted sum of them.")
+                      description="Loss: a registered loss (unetseg.losses: ce, dice, lovasz, ohem) or a weighted sum of them.")
     class_weights: str = Field("none", json_schema_extra=explained(f"{', '.join(CLASS_WEIGHT_KINDS)}, or one weight >= 0 per class separated by commas"), description='Cross-entropy class weights: none, median_frequency, inverse_log (from dataset.json pixel counts), or a comma-separated list.')
     label_smoothing: float = Field(0.0, ge=0, lt=1, description='Cross-entropy label smoothing.')
     dice_weight: float = Field(1.0, ge=0, description='Weight of a dice term written without one when the loss has other terms: ce+dice is ce + dice_weight * dice.')
+    ohem_threshold: float = Field(0.7, gt=0, le=1, description="The ohem loss keeps pixels whose true class gets a probability below this.")
+    ohem_min_kept: float = Field(0.1, ge=0, le=1, description="The ohem loss keeps at least this fraction of the valid pixels (the hardest).")
 
     @field_validator("loss")
     @classmethod

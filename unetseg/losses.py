@@ -113,6 +113,8 @@ class LossSpec:
     class_weights: torch.Tensor | None = None
     label_smoothing: float = 0.0
     dice_smooth: float = 1.0
+    ohem_threshold: float = 0.7
+    ohem_min_kept: float = 0.1
 
 
 LossTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -290,11 +292,13 @@ class SegmentationLoss(nn.Module):
         ignore_index: target value of pixels that count for nothing (``ClassInfo.ignore_index``),
             or ``None`` when no pixel is ignored.
         class_weights: per-class cross-entropy weights (see :func:`unetseg.class_weights.class_weights`), or
-            ``None``. They weight the cross-entropy term only; Dice is an unweighted
-            mean over classes.
+            ``None``. They weight the cross-entropy terms (``ce``, ``ohem``) only; Dice and
+            Lovasz are unweighted means over classes.
         label_smoothing: as in :func:`torch.nn.functional.cross_entropy`, in ``[0, 1)``.
         dice_weight: weight of an unweighted ``dice`` in a sum of terms (>= 0).
         dice_smooth: the smoothing constant of :func:`dice_loss` (> 0).
+        ohem_threshold, ohem_min_kept: the ``ohem`` term's settings
+            (:func:`unetseg.loss_terms.ohem_cross_entropy`).
 
     Every term sees float32 logits with autocast off, so bf16/fp16 training does not
     lose the small differences a loss is made of. Cross-entropy is
@@ -310,9 +314,15 @@ class SegmentationLoss(nn.Module):
         label_smoothing: float = 0.0,
         dice_weight: float = 1.0,
         dice_smooth: float = 1.0,
+        ohem_threshold: float = 0.7,
+        ohem_min_kept: float = 0.1,
     ):
         super().__init__()
         terms = parse_loss(kind, dice_weight)
+        if not (isinstance(ohem_threshold, (int, float)) and 0 < ohem_threshold <= 1):
+            raise UnetsegError(f"loss: ohem_threshold {ohem_threshold!r} is outside (0, 1]. Fix: use e.g. 0.7")
+        if not (isinstance(ohem_min_kept, (int, float)) and 0 <= ohem_min_kept <= 1):
+            raise UnetsegError(f"loss: ohem_min_kept {ohem_min_kept!r} is outside [0, 1]. Fix: use e.g. 0.1")
         if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 1.0):
             raise UnetsegError(f"loss: label_smoothing {label_smoothing!r} is outside [0, 1). Fix: use e.g. 0.1, or 0 for none")
         if not (isinstance(dice_smooth, (int, float)) and math.isfinite(dice_smooth) and dice_smooth > 0):
@@ -330,7 +340,8 @@ class SegmentationLoss(nn.Module):
             class_weights = explicit_weights(values, len(values))
         # Not persistent: the weights come from the config and dataset.json, not from checkpoints.
         self.register_buffer("class_weights", class_weights, persistent=False)
-        spec = LossSpec(ignore_index, class_weights, self.label_smoothing, self.dice_smooth)
+        spec = LossSpec(ignore_index, class_weights, self.label_smoothing, self.dice_smooth, float(ohem_threshold),
+                        float(ohem_min_kept))
         self._fns = [(weight, name, _LOSSES[name](spec)) for weight, name in terms]
         # A list, not a dict by name: a ModuleDict refuses names such as "forward" or "keys".
         self.term_modules = nn.ModuleList([fn for _, _, fn in self._fns if isinstance(fn, nn.Module)])
@@ -369,3 +380,7 @@ class SegmentationLoss(nn.Module):
                 value = weight * value
                 total = value if total is None else total + value
         return total
+
+
+# The other built-in terms (lovasz, ohem) register themselves on import.
+from unetseg import loss_terms as _loss_terms  # noqa: E402, F401
