@@ -85,10 +85,11 @@ def test_output_pixels_stay_with_their_input_pixels():
     assert diff[:5, :5].max() == 0
 
 
+@pytest.mark.parametrize("block", ["plain", "residual"])
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("upsample", UPSAMPLES)
-def test_gradients_reach_every_parameter(norm, upsample):
-    model = tiny(depth=3, norm=norm, upsample=upsample, dropout=0.1).train()
+def test_gradients_reach_every_parameter(norm, upsample, block):
+    model = tiny(depth=3, norm=norm, upsample=upsample, dropout=0.1, block=block).train()
     x, target = torch.randn(2, 3, 20, 19), torch.randint(0, 3, (2, 20, 19))
     F.cross_entropy(model(x), target).backward()
     for name, p in model.named_parameters():
@@ -113,6 +114,7 @@ def test_gradients_reach_every_parameter(norm, upsample):
         ({"dropout": 1.0}, "dropout = 1.0"),
         ({"dropout": -0.1}, "dropout = -0.1"),
         ({"dropout": "0.1"}, "dropout = '0.1'"),
+        ({"block": "dense"}, "block = 'dense'"),
     ],
 )
 def test_config_errors_name_the_value(kwargs, value):
@@ -143,6 +145,7 @@ def test_wrong_input_channels_names_expected_and_got():
     [
         {"num_classes": 5, "width": 4, "depth": 3, "norm": "group", "upsample": "bilinear", "dropout": 0.2},
         {"num_classes": 2, "in_channels": 1, "width": 8, "depth": 4, "max_width": 32, "norm": "batch"},
+        {"num_classes": 3, "width": 4, "depth": 2, "block": "residual", "dropout": 0.1},
     ],
 )
 def test_config_round_trip_rebuilds_the_same_model(cfg):
@@ -170,6 +173,11 @@ def test_parameter_count_by_hand_and_describe():
     assert num_parameters(default) == 7_763_338
     assert default.describe() == "UNet depth=4 width=32 norm=batch upsample=transpose num_classes=10: 7.76M parameters"
     assert model.summary().endswith(": 1.72K parameters")
+    # Residual blocks add a 1x1 shortcut where the channels change: 3->4 (12+4), 4->8
+    # (32+8) and 8->4 (32+4).
+    residual = UNet(UNetConfig(num_classes=2, width=4, depth=1, norm="none", block="residual"))
+    assert num_parameters(residual) == 1722 + 16 + 40 + 36
+    assert "block=residual" in residual.describe()
     assert format_count(999) == "999"
     for p in model.parameters():
         p.requires_grad_(False)
@@ -214,12 +222,27 @@ def square_batch(n: int = 4, size: int = 32):
     return images, masks
 
 
-def test_tiny_unet_overfits_one_batch():
+def test_a_residual_block_adds_its_input():
+    """With the body's last conv zeroed, a residual block is ReLU of its shortcut."""
+    from unetseg.models.unet import ResidualBlock
+
+    same, wider = ResidualBlock(4, 4, "none"), ResidualBlock(3, 4, "none")
+    x = torch.randn(2, 4, 5, 6)
+    for block in (same, wider):
+        torch.nn.init.zeros_(block.body[-2].weight)
+        torch.nn.init.zeros_(block.body[-2].bias)
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), x.relu())
+        torch.testing.assert_close(wider(x[:, :3]), wider.shortcut(x[:, :3]).relu())
+
+
+@pytest.mark.parametrize("block", ["plain", "residual"])
+def test_tiny_unet_overfits_one_batch(block):
     torch.manual_seed(0)
     images, masks = square_batch()
     background = (masks == 0).float().mean().item()
     assert background < 0.9  # predicting background everywhere would not pass
-    model = UNet(UNetConfig(num_classes=2, width=8, depth=2)).train()
+    model = UNet(UNetConfig(num_classes=2, width=8, depth=2, block=block)).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(60):
         opt.zero_grad()

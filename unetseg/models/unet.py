@@ -42,6 +42,9 @@ class UNetConfig(ModelOptions):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout2d probability in the bottleneck and decoder.")
     upsample: Literal["transpose", "bilinear"] = Field(
         "transpose", description="Decoder upsampling: ConvTranspose2d(k=2, s=2), or bilinear x2 then a 1x1 conv.")
+    block: Literal["plain", "residual"] = Field(
+        "plain", description="Each level's block: plain (3x3 conv, norm, ReLU, twice) or residual (the same two convs "
+        "with an identity shortcut, a 1x1 conv + norm where the channels change, added before the last ReLU).")
 
     @model_validator(mode="after")
     def _cap_above_width(self) -> UNetConfig:
@@ -77,6 +80,29 @@ class ConvBlock(nn.Sequential):
         super().__init__(*layers)
 
 
+class ResidualBlock(nn.Module):
+    """(3x3 conv, norm, ReLU, 3x3 conv, norm) + shortcut, then ReLU, then Dropout2d when
+    ``dropout > 0``. The shortcut is the input itself, or a 1x1 conv and norm where the
+    channels change."""
+
+    def __init__(self, cin: int, cout: int, norm: str, dropout: float = 0.0):
+        super().__init__()
+        bias = norm == "none"
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=bias), _norm(norm, cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=bias), _norm(norm, cout),
+        )
+        self.shortcut = nn.Identity() if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=bias),
+                                                                        _norm(norm, cout))
+        self.out = nn.Sequential(nn.ReLU(inplace=True), *([nn.Dropout2d(dropout)] if dropout > 0 else []))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x) + self.shortcut(x))
+
+
+BLOCKS = {"plain": ConvBlock, "residual": ResidualBlock}
+
+
 def _upsampler(kind: str, cin: int, cout: int) -> nn.Module:
     if kind == "transpose":
         return nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2)
@@ -97,9 +123,9 @@ class UNet(nn.Module):
     get no padding: train on such crops so padded zeros never enter BatchNorm or
     GroupNorm statistics.
 
-    Encoder level i (i < depth): ConvBlock, then 2x2 max-pool. Bottleneck (level depth):
-    ConvBlock + Dropout2d. Decoder level i: upsample, concatenate the skip, ConvBlock +
-    Dropout2d. Head: 1x1 conv to ``num_classes``. Dropout is active in ``train()`` only.
+    Encoder level i (i < depth): a block (``ConvBlock``, or ``ResidualBlock`` with
+    ``block="residual"``), then 2x2 max-pool. Bottleneck (level depth): block +
+    Dropout2d. Decoder level i: upsample, concatenate the skip, block + Dropout2d. Head: 1x1 conv to ``num_classes``. Dropout is active in ``train()`` only.
     """
 
     def __init__(self, config: UNetConfig):
@@ -110,15 +136,16 @@ class UNet(nn.Module):
         self.config = cfg = config
         self.pad_multiple = 2**cfg.depth
         ch = [cfg.channels(i) for i in range(cfg.depth + 1)]
+        block = BLOCKS[cfg.block]
         self.encoder = nn.ModuleList(
-            [ConvBlock(cfg.in_channels if i == 0 else ch[i - 1], ch[i], cfg.norm) for i in range(cfg.depth)]
+            [block(cfg.in_channels if i == 0 else ch[i - 1], ch[i], cfg.norm) for i in range(cfg.depth)]
         )
         self.pool = nn.MaxPool2d(2)
-        self.bottleneck = ConvBlock(ch[-2], ch[-1], cfg.norm, cfg.dropout)
+        self.bottleneck = block(ch[-2], ch[-1], cfg.norm, cfg.dropout)
         # Decoder, deepest first: ups[j] and decoder[j] bring level depth-j back to depth-j-1.
         levels = range(cfg.depth - 1, -1, -1)
         self.ups = nn.ModuleList([_upsampler(cfg.upsample, ch[i + 1], ch[i]) for i in levels])
-        self.decoder = nn.ModuleList([ConvBlock(2 * ch[i], ch[i], cfg.norm, cfg.dropout) for i in levels])
+        self.decoder = nn.ModuleList([block(2 * ch[i], ch[i], cfg.norm, cfg.dropout) for i in levels])
         self.head = nn.Conv2d(ch[0], cfg.num_classes, 1)
         self.reset_parameters()
 
@@ -166,7 +193,8 @@ class UNet(nn.Module):
     def describe(self) -> str:
         """One line for the start of a run, e.g. 'UNet depth=4 width=32 ...: 7.76M parameters'."""
         c = self.config
-        extra = (f" max_width={c.max_width}" if c.max_width else "") + (f" dropout={c.dropout}" if c.dropout else "")
+        extra = (f" max_width={c.max_width}" if c.max_width else "") + (f" dropout={c.dropout}" if c.dropout else "") \
+            + (f" block={c.block}" if c.block != "plain" else "")
         return (
             f"UNet depth={c.depth} width={c.width} norm={c.norm} upsample={c.upsample}{extra} "
             f"num_classes={c.num_classes}: {format_count(num_parameters(self))} parameters"
