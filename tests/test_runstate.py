@@ -17,8 +17,11 @@ UNET = {"num_classes": 10, "in_channels": 3, "depth": 2, "width": 8, "max_width"
 
 
 def setup(**changes):
+    """A setup as this version records it (model options with every field); UNET alone
+    is how versions before the registry and before model.block recorded them."""
     return {"world_size": 1, "num_workers": 0, "batch_size": 4, "grad_accum": 1, "seed": 0, "shuffle_buffer": 256,
-            "train_split": "train", "train_shards": [["train-000000.tar", 8]], "model": {"name": "unet", **UNET}, **changes}
+            "train_split": "train", "train_shards": [["train-000000.tar", 8]],
+            "model": {"name": "unet", **UNET, "block": "plain"}, "deep_supervision": False, **changes}
 
 
 def test_a_changed_setup_is_refused_with_each_change_and_its_fix(tmp_path):
@@ -31,7 +34,7 @@ def test_a_changed_setup_is_refused_with_each_change_and_its_fix(tmp_path):
 
 
 def test_a_checkpoint_from_before_the_model_registry_resumes():
-    """Its setup recorded the U-Net's options without a name."""
+    """Its setup recorded the U-Net's options without a name (and without a block)."""
     check_setup(setup(model=dict(UNET)), setup(), None)
     with pytest.raises(UnetsegError, match="model"):
         check_setup(setup(model={**UNET, "width": 16}), setup(), None)

@@ -107,6 +107,7 @@ class LossConfig(Options):
     dice_weight: float = Field(1.0, ge=0, description='Weight of a dice term written without one when the loss has other terms: ce+dice is ce + dice_weight * dice.')
     ohem_threshold: float = Field(0.7, gt=0, le=1, description="The ohem loss keeps pixels whose true class gets a probability below this.")
     ohem_min_kept: float = Field(0.1, ge=0, le=1, description="The ohem loss keeps at least this fraction of the valid pixels (the hardest).")
+    deep_supervision: float = Field(0.0, ge=0, description="Weight of deep supervision: auxiliary heads on the inner decoder stages, their mean loss times this added in training only (the saved model has no such heads). 0 is off; e.g. 0.4.")
 
     @field_validator("loss")
     @classmethod

@@ -72,6 +72,7 @@ def run_setup(config: TrainConfig, world: int, train_source, model_options: dict
         "train_split": dc.train_split,
         "train_shards": [[url.rsplit("/", 1)[-1], n] for url, n in zip(train_source.urls, train_source.counts)],
         "model": model_options,
+        "deep_supervision": config.loss.deep_supervision > 0,  # its heads are in the checkpoint or not
     }))
 
 
@@ -81,6 +82,7 @@ SETUP_FIX = {
     "num_workers": "--num-workers", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "seed": "--seed",
     "shuffle_buffer": "--shuffle-buffer", "train_split": "--train-split",
     "train_shards": "--data with the same training shards", "model": "the same --model-* options",
+    "deep_supervision": "--deep-supervision on (> 0) or off (0) as when the run started",
 }
 
 

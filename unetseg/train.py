@@ -52,7 +52,8 @@ class Run:
     net: torch.nn.Module
     """The model itself: evaluated and saved."""
     model: torch.nn.Module
-    """The model as Accelerate prepared it (DDP on several processes): trained."""
+    """What is trained (``net``, with deep supervision's heads when on), as Accelerate prepared
+    it (DDP on several processes)."""
     forward: Callable[[torch.Tensor], torch.Tensor]
     """``model``, or ``torch.compile(model)``."""
     optimizer: Any
@@ -112,6 +113,7 @@ def build_model(config: TrainConfig, accelerator, data, total_steps: int) -> tup
     """The model (identical initial weights on every rank), its optimiser and schedule."""
     from accelerate.utils import set_seed
 
+    from unetseg.deep_supervision import supervised
     from unetseg.models import build_model as build
     from unetseg.optim import build_optimizer, build_scheduler
     from unetseg.runtime import channels_last, compiled
@@ -120,18 +122,19 @@ def build_model(config: TrainConfig, accelerator, data, total_steps: int) -> tup
     oc, rc = config.optim, config.run
     set_seed(rc.seed)  # the same on every rank: identical initial weights
     net = build(net_options(config, data))
+    trained = supervised(net, config.loss.deep_supervision, data.classes.num_classes)  # net, or net with aux heads
     # From here on each rank draws its own random numbers (dropout masks differ across ranks).
     set_seed(derive_seed(rc.seed, accelerator.process_index, 2))
     if rc.sync_bn and accelerator.num_processes > 1:
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        trained = torch.nn.SyncBatchNorm.convert_sync_batchnorm(trained)  # in place: net is converted too
     if channels_last(config, accelerator.device):
-        net = net.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(net, oc.optimizer, lr=oc.lr, weight_decay=oc.weight_decay, betas=tuple(oc.betas),
+        trained = trained.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(trained, oc.optimizer, lr=oc.lr, weight_decay=oc.weight_decay, betas=tuple(oc.betas),
                                 eps=oc.eps, momentum=oc.momentum, nesterov=oc.nesterov)
     # Kept out of accelerator.prepare, whose wrapper steps it once per process per step.
     scheduler = build_scheduler(optimizer, oc.scheduler, total_steps=total_steps, warmup_steps=oc.warmup_steps,
                                 power=oc.power, min_lr_ratio=oc.min_lr_ratio)
-    model, optimizer = accelerator.prepare(net, optimizer)
+    model, optimizer = accelerator.prepare(trained, optimizer)
     forward = torch.compile(model) if compiled(config, accelerator.device) else model
     return net, model, forward, optimizer, scheduler
 
@@ -140,14 +143,16 @@ def build_loss(config: TrainConfig, data, device) -> torch.nn.Module:
     """The loss; padding and ignored pixels carry ``classes.ignore_label``, also when the
     dataset has no ignore_index."""
     from unetseg.class_weights import class_weights
+    from unetseg.deep_supervision import DeepSupervisionLoss
     from unetseg.losses import SegmentationLoss
 
     spec = config.loss.class_weights
     weights = class_weights([float(v) for v in spec.split(",")] if "," in spec else spec,
                             data.info.split(config.data.train_split).pixel_counts)
     lc = config.loss
-    return SegmentationLoss(lc.loss, data.classes.ignore_label, weights, lc.label_smoothing, lc.dice_weight,
-                            ohem_threshold=lc.ohem_threshold, ohem_min_kept=lc.ohem_min_kept).to(device)
+    loss = SegmentationLoss(lc.loss, data.classes.ignore_label, weights, lc.label_smoothing, lc.dice_weight,
+                            ohem_threshold=lc.ohem_threshold, ohem_min_kept=lc.ohem_min_kept)
+    return (DeepSupervisionLoss(loss, lc.deep_supervision) if lc.deep_supervision > 0 else loss).to(device)
 
 
 def setup(config: TrainConfig) -> Run:

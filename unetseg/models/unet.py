@@ -164,19 +164,36 @@ class UNet(nn.Module):
     def from_config_dict(cls, d: dict[str, Any]) -> UNet:
         return cls(UNetConfig.from_dict(d))
 
-    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
-        """The network on an input whose H and W are multiples of ``pad_multiple``."""
+    def forward_padded(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The network on an input whose H and W are multiples of ``pad_multiple``; the
+        inner decoder stages' outputs are appended to ``stages`` when it is given."""
         skips = []
         for block in self.encoder:
             x = block(x)
             skips.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
-        for up, block, skip in zip(self.ups, self.decoder, reversed(skips)):
+        for j, (up, block, skip) in enumerate(zip(self.ups, self.decoder, reversed(skips))):
+            if j and stages is not None:
+                stages.append(x)  # the previous decoder stage's output
             x = block(torch.cat([up(x), skip], dim=1))
         return self.head(x)
 
+    def stage_channels(self) -> list[int]:
+        """Channels of the inner decoder stages (deepest first), for deep supervision."""
+        return [self.config.channels(i) for i in range(self.config.depth - 1, 0, -1)]
+
+    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The logits, and the inner decoder stages' outputs (deepest first) at the padded
+        input's resolution divided by 2**(depth-1), ..., 2: what
+        :mod:`unetseg.deep_supervision` reads."""
+        stages: list[torch.Tensor] = []
+        return self._padded(x, stages), stages
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._padded(x)
+
+    def _padded(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"UNet expected input (N, {self.config.in_channels}, H, W), got shape {tuple(x.shape)}: "
@@ -187,7 +204,7 @@ class UNet(nn.Module):
         pad_h, pad_w = (h + m - 1) // m * m - h, (w + m - 1) // m * m - w
         # Unconditional pad and crop (a zero pad copies only the input): no branch on the
         # size, so torch.compile with dynamic shapes keeps one graph for every size.
-        logits = self.forward_padded(F.pad(x, (0, pad_w, 0, pad_h)))
+        logits = self.forward_padded(F.pad(x, (0, pad_w, 0, pad_h)), stages)
         return logits[:, :, :h, :w]
 
     def describe(self) -> str:
