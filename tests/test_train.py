@@ -462,3 +462,13 @@ def test_lovasz_and_ohem_losses_train_with_their_settings(tmp_path, data, capsys
     assert all(0 < r["loss"] < 10 for r in logs) and evals
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "loss: ohem+0.5*lovasz" in saved and "ohem_threshold: 0.9" in saved and "ohem_min_kept: 0.2" in saved
+
+
+def test_training_on_train_and_val_reads_both(tmp_path, data, capsys):
+    """The final model's run: an epoch covers both splits (24 + 7 samples, batch 4: 7 steps)."""
+    from conftest import run_main
+
+    code, out, err = run_main("train", ["--data", data, *TINY, "--max-steps", "2", "--eval-every", "2",
+                                        "--train-split", "train,val", "--output-dir", tmp_path / "run"], capsys)
+    assert code == 0, err
+    assert "(7 per epoch)" in out and "not a held-out measure" in out

@@ -44,3 +44,28 @@ def test_validation_data_with_other_classes_is_refused(data, tmp_path):
 
 def test_the_default_crop_is_the_most_common_image_size():
     assert most_common_size({"24x32": 5, "360x480": 9, "10x10": 1}) == [360, 480]
+
+
+def test_several_training_splits_are_read_as_one_and_may_include_validation(data, capsys):
+    """--train-split train,val: the final model's run trains on both; validation still
+    runs on val, with a note that it is no held-out measure."""
+    train, val = open_sources(config(train_split="train,val"), str(data))
+    alone_train, alone_val = open_sources(config(), str(data))
+    assert train.urls == alone_train.urls + alone_val.urls and train.num_samples == 12
+    assert train.split == "train+val" and train.splits == ["train", "val"]
+    per_split = [alone_train.info.split(s).pixel_counts for s in ("train", "val")]
+    assert train.pixel_counts() == [a + b for a, b in zip(*per_split)]
+    assert train.image_sizes() == {"24x32": 12}
+    assert val.urls == alone_val.urls
+    assert "not a held-out measure" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("splits, data_kind, message", [
+    ("train,train", "folder", "named twice"),
+    ("train,val", "pattern", "pattern names the shards of one split"),
+    ("train,test", "folder", "no split 'test'"),
+])
+def test_several_splits_name_the_problem(data, splits, data_kind, message):
+    where = str(data) if data_kind == "folder" else str(data / "train-{000000..000001}.tar")
+    with pytest.raises(UnetsegError, match=message):
+        open_sources(config(train_split=splits), where)

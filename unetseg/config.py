@@ -34,7 +34,7 @@ class DataConfig(Options):
     data: str | None = Field(None, description='Shard folder or URL, or a shard pattern like dir/train-{000000..000009}.tar (dataset.json beside it). Default: the embedded synthetic set, generated under shards/synthetic when missing.')
     val_data: str | None = Field(None, description="Shard folder, URL or pattern to evaluate on. Default: the val split of --data (for a shard pattern, the val split's shards named in dataset.json, beside the pattern's shards).")
     dataset_json: str | None = Field(None, description='dataset.json to use with a shard pattern that has none beside it (e.g. a pipe: pattern).')
-    train_split: str = Field("train", description='Split to train on.')
+    train_split: str = Field("train", description="Split to train on, or several joined with commas (e.g. train,val, for the final model once the schedule is fixed on val; needs a shard folder).")
     val_split: str = Field("val", description='Split to evaluate on.')
     batch_size: int = Field(16, ge=1, description='Training batch size per process.')
     eval_batch_size: int | None = Field(None, ge=1, description='Evaluation batch size per process (default: batch size).')

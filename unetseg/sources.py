@@ -46,6 +46,24 @@ class Source:
         where = self.folder or " :: ".join(self.urls[:2]) + (" ..." if len(self.urls) > 2 else "")
         return f"split {self.split!r} of {where}"
 
+    @property
+    def splits(self) -> list[str]:
+        """The dataset.json splits this source reads (several for ``train+val``)."""
+        return self.split.split("+")
+
+    def pixel_counts(self) -> list[int]:
+        """Labelled pixels per class over the source's splits (from dataset.json)."""
+        per_split = [self.info.split(name).pixel_counts for name in self.splits]
+        return [sum(counts) for counts in zip(*per_split)]
+
+    def image_sizes(self) -> dict[str, int]:
+        """How many samples have each ``"HxW"`` size, over the source's splits."""
+        sizes: dict[str, int] = {}
+        for name in self.splits:
+            for size, n in self.info.split(name).image_sizes.items():
+                sizes[size] = sizes.get(size, 0) + n
+        return sizes
+
 
 def _is_remote(text: str) -> bool:
     return "://" in text or text.startswith("pipe:")
@@ -131,3 +149,19 @@ def sibling_split(source: Source, split: str) -> Source:
     s = source.info.split(split, source=_join(source.folder, DATASET_JSON))
     return Source(urls=[_join(source.folder, n) for n in s.shards], counts=list(s.shard_num_samples), info=source.info,
                   split=split, folder=source.folder)
+
+
+def open_splits(data: str | os.PathLike, splits: str, dataset_json: str | os.PathLike | None = None) -> Source:
+    """The shards of one split, or of several given as ``"train,val"`` (read one after the
+    other, as one source named ``train+val``); several splits need a shard folder."""
+    names = [name.strip() for name in str(splits).split(",")]
+    if len(names) == 1:
+        return open_source(data, names[0], dataset_json)
+    if is_pattern(data):
+        raise UnetsegError(f"{data}: a shard pattern names the shards of one split, not of {', '.join(names)}. "
+                           "Fix: pass the shard folder with --data")
+    if len(set(names)) != len(names):
+        raise UnetsegError(f"splits {splits!r}: a split is named twice. Fix: name each once, e.g. train,val")
+    parts = [open_source(data, name, dataset_json) for name in names]
+    return Source(urls=[u for p in parts for u in p.urls], counts=[n for p in parts for n in p.counts],
+                  info=parts[0].info, split="+".join(names), folder=parts[0].folder)

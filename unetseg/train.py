@@ -148,7 +148,7 @@ def build_loss(config: TrainConfig, data, device) -> torch.nn.Module:
 
     spec = config.loss.class_weights
     weights = class_weights([float(v) for v in spec.split(",")] if "," in spec else spec,
-                            data.info.split(config.data.train_split).pixel_counts)
+                            data.train.pixel_counts())
     lc = config.loss
     loss = SegmentationLoss(lc.loss, data.classes.ignore_label, weights, lc.label_smoothing, lc.dice_weight,
                             ohem_threshold=lc.ohem_threshold, ohem_min_kept=lc.ohem_min_kept)

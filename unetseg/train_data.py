@@ -61,19 +61,24 @@ def ensure_default_data(config: TrainConfig, state) -> str:
     return DEFAULT_DATA
 
 
-def open_sources(config: TrainConfig, data: str):
+def open_sources(config: TrainConfig, data: str, state=None):
     """The training and validation shards. The validation split comes from ``--val-data``,
     else from the same folder as the training shards (for a pattern: the shards
     dataset.json lists under the validation split); never from the training shards."""
-    from unetseg.sources import open_source, sibling_split
+    from unetseg.sources import open_source, open_splits, sibling_split
 
     dc = config.data
-    train = open_source(data, dc.train_split, dc.dataset_json)
+    train = open_splits(data, dc.train_split, dc.dataset_json)
     val = open_source(dc.val_data, dc.val_split, dc.dataset_json) if dc.val_data else sibling_split(train, dc.val_split)
     if train.num_samples is None:
         raise UnetsegError(f"{data}: the training shards' sample counts are unknown. Fix: use shard names listed in dataset.json")
     shared = sorted(set(train.urls) & set(val.urls))
-    if shared:
+    if shared and val.split in train.splits and len(train.splits) > 1:
+        # Asked for (--train-split train,val): the final model trains on every labelled sample.
+        if state is None or state.is_main_process:
+            print(f"note: the {val.split} split is trained on too, so its score during training is not a held-out "
+                  "measure (fix the schedule on a held-out split first)", flush=True)
+    elif shared:
         raise UnetsegError(
             f"{shared[0]}{f' and {len(shared) - 1} more' if len(shared) > 1 else ''} would be read for training and "
             "for validation, so the validation score would be measured on training data. "
@@ -99,9 +104,9 @@ def open_train_data(config: TrainConfig, state) -> TrainData:
     from unetseg.transforms import EvalTransform, EvalTransformConfig
 
     dc = config.data
-    train, val = open_sources(config, ensure_default_data(config, state))
+    train, val = open_sources(config, ensure_default_data(config, state), state)
     classes = train.info.classes
-    crop = dc.crop_size or most_common_size(train.info.split(dc.train_split).image_sizes)
+    crop = dc.crop_size or most_common_size(train.image_sizes())
     train_tf = TrainTransform(TrainTransformConfig(crop_size=crop, resize=dc.resize, scale_range=tuple(dc.scale_range),
                                                    hflip=dc.hflip, jitter=dc.jitter), classes.ignore_label)
     eval_tf = EvalTransform(EvalTransformConfig(resize=dc.eval_resize))
