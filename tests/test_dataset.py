@@ -78,6 +78,10 @@ def test_missing_and_unparsable_classes_json(tmp_path):
         ({"format": "something-else"}, ["not an unetseg dataset.json", "re-run `unetseg pack`"]),
         ({"format_version": 99}, ["format version 99 is newer", "upgrade unetseg"]),
         ({"splits": {"train": {"num_samples": 1}}}, ["malformed splits", "re-run `unetseg pack`"]),
+        ({"format_version": "1"}, ["format_version '1' is not a whole number", "re-run `unetseg pack`"]),
+        ({"splits": ["train", "val"]}, ["malformed splits", "re-run `unetseg pack`"]),
+        ({"splits": {"train": {**make_info().to_dict()["splits"]["train"], "shards": "train-000000.tar"}}},
+         ["split 'train' needs a list of shard names", "re-run `unetseg pack`"]),
         ({"classes": {"names": ["a", "a"]}}, ["(classes)", "class names repeat"]),
     ],
 )
@@ -105,6 +109,7 @@ def test_missing_dataset_json_and_unknown_split(tmp_path):
         ({"names": ["a", "a"]}, "class names repeat"),
         ({"names": []}, "non-empty list"),
         ({"names": ["a"], "palette": [[0, 0, 300]]}, "integers 0..255"),
+        ({"names": ["a"], "palette": [[True, 0, 0]]}, "integers 0..255"),
         ({"names": ["a"], "colors": []}, "unknown keys"),
     ],
 )

@@ -94,7 +94,8 @@ class ClassInfo:
         if palette is None:
             palette = default_palette(len(names))
         ok = isinstance(palette, list) and all(
-            isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+            isinstance(c, list) and len(c) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c)
             for c in palette
         )
         if not ok:
@@ -198,15 +199,25 @@ class DatasetInfo:
         path = source
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise UnetsegError(f"{path}: not an unetseg dataset.json. Fix: re-run `unetseg pack`")
-        if data.get("format_version", 0) > FORMAT_VERSION:
+        version = data.get("format_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise UnetsegError(f"{path}: format_version {version!r} is not a whole number. Fix: re-run `unetseg pack`")
+        if version > FORMAT_VERSION:
             raise UnetsegError(
                 f"{path}: format version {data['format_version']} is newer than this unetseg "
                 f"understands ({FORMAT_VERSION}). Fix: upgrade unetseg"
             )
         try:
             splits = {name: SplitInfo(**split) for name, split in data["splits"].items()}
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise UnetsegError(f"{path}: malformed splits ({e}). Fix: re-run `unetseg pack`") from None
+        for name, split in splits.items():
+            shards, counts = split.shards, split.shard_num_samples
+            if not (isinstance(shards, list) and all(isinstance(n, str) for n in shards)
+                    and isinstance(counts, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in counts)
+                    and len(shards) == len(counts)):
+                raise UnetsegError(f"{path}: split {name!r} needs a list of shard names and a list of as many sample "
+                                   f"counts, found {shards!r} and {counts!r}. Fix: re-run `unetseg pack`")
         return cls(
             classes=ClassInfo.from_dict(data.get("classes"), source=f"{path} (classes)"),
             splits=splits,
