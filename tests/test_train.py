@@ -472,3 +472,20 @@ def test_training_on_train_and_val_reads_both(tmp_path, data, capsys):
                                         "--train-split", "train,val", "--output-dir", tmp_path / "run"], capsys)
     assert code == 0, err
     assert "(7 per epoch)" in out and "not a held-out measure" in out
+
+
+def test_a_failed_set_up_still_ends_the_process_group(tmp_path, data, capsys, monkeypatch):
+    """An error after the accelerator exists (here: an unknown split) must end the process
+    group, or gloo aborts the processes at exit ("terminate called without an active
+    exception")."""
+    from accelerate import PartialState
+
+    from conftest import run_main
+
+    ended = []
+    real = PartialState.destroy_process_group
+    monkeypatch.setattr(PartialState, "destroy_process_group", lambda self, *a: ended.append(1) or real(self, *a))
+    code, _, err = run_main("train", ["--data", data, *TINY, "--train-split", "nosuch", "--output-dir", tmp_path / "r"],
+                            capsys)
+    assert code != 0 and "no split 'nosuch'" in err
+    assert ended

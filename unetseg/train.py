@@ -296,7 +296,13 @@ def train(config: TrainConfig, batches: Iterator[dict[str, Any]] | None = None) 
     validation split still come from ``config.data``."""
     stop = StopFlag()
     stop.install()  # from the start: a stop during set-up is honoured after the first step
-    run = setup(config)
+    try:
+        run = setup(config)
+    except BaseException:
+        from unetseg.runtime import process_state
+
+        process_state().destroy_process_group()  # else gloo may abort at exit on several processes
+        raise
     try:
         if finished(run):  # resubmitted after its last step: nothing left but final/ (when a stop came first)
             return finished_run(run)
