@@ -127,3 +127,17 @@ def test_ab_train_compares_two_checkouts(tmp_path, syn):
     assert positive(out["base_images_per_s"]) and positive(out["this_images_per_s"])
     assert out["this_over_base"] == pytest.approx(out["this_images_per_s"] / out["base_images_per_s"], rel=0.01)
     assert "base run 1: median" in result.stdout and "this run 1: median" in result.stdout
+
+
+def test_seeds(tmp_path, syn):
+    out, text = run_json("benchmarks/seeds.py", "--seeds", "0,1", "--out", str(tmp_path / "seeds"), "--",
+                         "--data", str(syn), "--max-steps", "2", "--eval-every", "2", "--batch-size", "2",
+                         "--model-width", "4", "--model-depth", "2", "--crop-size", "32", "--num-workers", "0",
+                         "--tracker", "none")
+    finals = [out["per_seed"][s]["final"] for s in ("0", "1")]
+    assert finals[0] != finals[1]  # two seeds, two runs
+    assert out["final_miou_mean"] == pytest.approx(sum(finals) / 2)
+    assert out["final_miou_std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5)
+    assert set(out["per_class_mean"]) and "mean" in text
+    again, _ = run_json("benchmarks/seeds.py", "--seeds", "0,1", "--out", str(tmp_path / "seeds"), "--")
+    assert again["per_seed"] == out["per_seed"]  # finished runs are read, not trained again
