@@ -105,10 +105,15 @@ def replace_durably(tmp: Path, final: Path) -> None:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``path`` whole or not at all, also across a node crash: a temporary file,
     fsynced, renamed into place, then the folder fsynced."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """:func:`write_text_atomic` for bytes."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
+    with tmp.open("wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     replace_durably(tmp, path)

@@ -192,6 +192,24 @@ def shards_info(folder: Path = typer.Argument(..., help="A shard folder with dat
         out.print(table)
 
 
+@shards_app.command("preview")
+def shards_preview(
+    folder: Path = typer.Argument(..., help="A shard folder with dataset.json."),
+    out_path: Path = typer.Option(Path("preview.png"), "--out", help="PNG to write."),
+    split: str = typer.Option("train", help="Split to show."),
+    n: int = typer.Option(16, help="Number of samples (the split's first ones)."),
+    augmented: bool = typer.Option(False, help="Show them after the training augmentation."),
+    config: Optional[Path] = typer.Option(None, help="Training YAML whose data section sets the augmentation "
+                                          "(default: the training defaults)."),
+    alpha: float = typer.Option(0.5, help="Weight of the mask colours over the image (0..1)."),
+) -> None:
+    """A grid of samples with their masks overlaid in the palette, as packed or augmented."""
+    from unetseg.preview import preview
+
+    written = preview(folder, out_path, split=split, n=n, augmented=augmented, config_path=config, alpha=alpha)
+    out.print(f"wrote {written}")
+
+
 @shards_app.command("verify")
 def shards_verify(folder: Path = typer.Argument(..., help="A shard folder with dataset.json.")) -> None:
     """Decode every sample and check it against dataset.json; non-zero exit on any problem."""
