@@ -120,25 +120,58 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Save the full training state at ``step`` (a collective: every rank calls it)."""
+    """Save the full training state at ``step`` (a collective: every rank calls it).
+
+    When any rank cannot write its part (disk full, read-only or vanished output folder),
+    every rank learns it, the partial folder is removed, the previous checkpoints stay
+    as they are, and every rank raises :class:`UnetsegError` naming the folder and the
+    cause: no rank is left waiting for the others."""
     final = checkpoint_path(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # The state file last: a folder with the final name and this file is complete.
-        write_text_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))
-        fsync_tree(tmp)  # every rank's files are on the shared file system by now
-        if final.exists():  # the same step saved again (a stop right after a periodic save)
-            shutil.rmtree(final)
-        replace_durably(tmp, final)
-        prune_checkpoints(run_dir, keep)
-    accelerator.wait_for_everyone()
+    main = accelerator.is_main_process
+    problems = _agree(lambda: _start(tmp) if main else None)
+    if not problems:
+        problems = _agree(lambda: accelerator.save_state(str(tmp)))
+    if not problems:
+        problems = _agree(lambda: _complete(tmp, final, state, run_dir, keep) if main else None)
+    if problems:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        raise UnetsegError(
+            f"cannot write checkpoint {final}: {problems[0]}. The run stopped; "
+            + (f"the previous checkpoint {previous} is intact. " if previous else "no checkpoint was written before. ")
+            + f"Fix: free space in (or make writable) {Path(run_dir)}, then continue with --resume auto --output-dir {run_dir}"
+        )
     return final
+
+
+def _start(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _complete(tmp: Path, final: Path, state: dict[str, Any], run_dir, keep: int) -> None:
+    # The state file last: a folder with the final name and this file is complete.
+    write_text_atomic(tmp / STATE_FILE, json.dumps(state, indent=2))
+    fsync_tree(tmp)  # every rank's files are on the shared file system by now
+    if final.exists():  # the same step saved again (a stop right after a periodic save)
+        shutil.rmtree(final)
+    replace_durably(tmp, final)
+    prune_checkpoints(run_dir, keep)
+
+
+def _agree(action) -> list[str]:
+    """Run ``action`` on this rank, then tell every rank what failed anywhere (a barrier
+    too): the message of each rank whose ``action`` raised ``OSError``."""
+    from unetseg.distributed import all_gather_objects
+
+    try:
+        action()
+        mine = None
+    except OSError as e:
+        mine = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    return [p for p in all_gather_objects(mine) if p]
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:

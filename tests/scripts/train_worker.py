@@ -11,6 +11,11 @@ Test hooks, from the environment:
   the oldest one (a shared file system whose listing lags behind).
 - ``SIGTERM_IN_EVAL=N``: this process sends itself SIGTERM once its N-th evaluation has
   scored its first batch (a stop that arrives during an evaluation).
+- ``FAIL_SAVE=R:STEP``: on rank R, writing the checkpoint of step STEP fails as on a full
+  disk (``OSError`` ENOSPC, after a part of it is written).
+- ``SLOW_SAVE=MARKER``: the first checkpoint written while MARKER does not exist takes 30 s
+  more, after its files are written and before it is complete (MARKER is created then,
+  holding this pid): time for a test to kill the process in the middle of a save.
 """
 
 import hashlib
@@ -105,5 +110,24 @@ if "SIGTERM_IN_EVAL" in os.environ:
         return original_cm(model, signalling(), *a, **kw)
 
     scoring.confusion_matrix = confusion_matrix
+
+if "FAIL_SAVE" in os.environ or "SLOW_SAVE" in os.environ:
+    import errno
+    import time
+
+    original_save = accelerate.Accelerator.save_state
+
+    def save_state(self, output_dir=None, **kw):
+        result = original_save(self, output_dir, **kw)
+        fail_rank, _, fail_step = os.environ.get("FAIL_SAVE", "-1:-1").partition(":")
+        if rank == fail_rank and Path(output_dir).name.startswith(f"step-{int(fail_step):08d}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), output_dir)
+        marker = os.environ.get("SLOW_SAVE")
+        if marker and not Path(marker).exists():
+            Path(marker).write_text(str(os.getpid()))
+            time.sleep(30)
+        return result
+
+    accelerate.Accelerator.save_state = save_state
 
 main(args)
