@@ -29,7 +29,14 @@ for round in $(seq 1 "$ROUNDS"); do
     [ "$side" = base ] && tree=$base
     run="$OUT/$side-$round"
     rm -rf "$run"
-    PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m unetseg.train --output-dir "$run" --tracker none "$@" > "$run.log" 2>&1 \
+    # -P: no current folder at the front of sys.path, or `python -m` would import this
+    # checkout's unetseg on both sides (it did before this check existed).
+    found=$(PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -P -c 'import unetseg, os; print(os.path.dirname(os.path.dirname(os.path.realpath(unetseg.__file__))))')
+    if [ "$found" != "$(cd "$tree" && pwd -P)" ]; then
+      echo "the $side side would import unetseg from $found, not from $tree" >&2
+      exit 1
+    fi
+    PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -P -m unetseg.train --output-dir "$run" --tracker none "$@" > "$run.log" 2>&1 \
       || { echo "$side run $round failed: see $run.log" >&2; tail -n 20 "$run.log" >&2; exit 1; }
   done
 done
