@@ -213,3 +213,25 @@ def train_stream(source, workers=0, start=0, seed=0, per_epoch=None, crop=16, st
     stream = TrainStream(source, t, batch_size, batches_per_epoch=per_epoch, seed=seed, start_batch=start, shuffle_buffer=8,
                          **kw)
     return iterate(make_loader(stream, workers), stats or StreamStats(kw.get("max_bad_samples", 10)))
+
+
+# --- images that say where their pixels came from (test_transforms.py, test_augment.py) ---
+
+
+def coordinate_pair(h=40, w=50, num_classes=5):
+    """An image whose pixels encode their own (y, x), a mask that is a function of (y, x),
+    and a third channel of 255 that marks real (not padded) pixels."""
+    import torch
+    from torchvision import tv_tensors
+
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    image = torch.stack([yy, xx, torch.full_like(yy, 255)]).to(torch.uint8)
+    mask = ((yy * 7 + xx * 3) % num_classes).to(torch.uint8)
+    return tv_tensors.Image(image), tv_tensors.Mask(mask)
+
+
+def unnormalized(image):
+    """Normalised-with-mean-0-std-1 pixels back to 0..255 integers."""
+    import torch
+
+    return (image * 255).round().to(torch.int64)

@@ -7,9 +7,8 @@ import random
 
 import pytest
 import torch
-from torchvision import tv_tensors
 
-from conftest import make, train_stream
+from conftest import coordinate_pair, make, train_stream, unnormalized
 from unetseg.augment import PARAMS, DeviceAugment, TrainTransform, TrainTransformConfig, augment_on
 from unetseg.batch import BatchHook
 from unetseg.errors import UnetsegError
@@ -19,19 +18,6 @@ from unetseg.stream import collate
 IGNORE = 255
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # keeps pixel values readable
 COL = {name: i for i, name in enumerate(PARAMS)}
-
-
-def coordinate_pair(h=40, w=50, num_classes=5):
-    """An image whose pixels encode their own (y, x), a mask that is a function of (y, x),
-    and a third channel of 255 that marks real (not padded) pixels."""
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    image = torch.stack([yy, xx, torch.full_like(yy, 255)]).to(torch.uint8)
-    mask = ((yy * 7 + xx * 3) % num_classes).to(torch.uint8)
-    return tv_tensors.Image(image), tv_tensors.Mask(mask)
-
-
-def unnormalized(image: torch.Tensor) -> torch.Tensor:
-    return (image * 255).round().to(torch.int64)
 
 
 @pytest.mark.parametrize("crop", [16, 24, (30, 60), 64])

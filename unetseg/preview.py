@@ -41,14 +41,10 @@ def _augment(config, source, pairs):
     """Each (key, image, mask) through the training augmentation, back to uint8 for display."""
     import torch
 
-    from unetseg.augment import TrainTransform, TrainTransformConfig
     from unetseg.stream import derive_seed
-    from unetseg.train_data import most_common_size
+    from unetseg.train_data import train_transform
 
-    dc = config.data
-    crop = dc.crop_size or most_common_size(source.image_sizes())
-    tf = TrainTransform(TrainTransformConfig(crop_size=crop, resize=dc.resize, scale_range=tuple(dc.scale_range),
-                                             hflip=dc.hflip, jitter=dc.jitter), source.info.classes.ignore_label)
+    tf = train_transform(config, source)
     mean, std = torch.tensor(tf.config.mean).view(3, 1, 1), torch.tensor(tf.config.std).view(3, 1, 1)
     for i, (key, image, mask) in enumerate(pairs):
         x, m = tf(image, mask, random.Random(derive_seed(config.run.seed, 0, 0, i, 0, 1)))

@@ -96,19 +96,27 @@ def open_sources(config: TrainConfig, data: str, state=None):
     return train, val
 
 
+def train_transform(config: TrainConfig, train):
+    """The training augmentation ``config.data`` describes for the ``train`` source (crop
+    default: the split's most common image size)."""
+    from unetseg.augment import TrainTransform, TrainTransformConfig
+
+    dc = config.data
+    crop = dc.crop_size or most_common_size(train.image_sizes())
+    return TrainTransform(TrainTransformConfig(crop_size=crop, resize=dc.resize, scale_range=tuple(dc.scale_range),
+                                               hflip=dc.hflip, jitter=dc.jitter), train.info.classes.ignore_label)
+
+
 def open_train_data(config: TrainConfig, state) -> TrainData:
     """The run's shards and transforms; an epoch visits every training sample at most once
     (all but fewer than a step's worth per rank)."""
     from unetseg.stream import batches_per_epoch
-    from unetseg.augment import TrainTransform, TrainTransformConfig, augment_on
+    from unetseg.augment import augment_on
     from unetseg.transforms import EvalTransform, EvalTransformConfig
 
     dc = config.data
     train, val = open_sources(config, ensure_default_data(config, state), state)
-    classes = train.info.classes
-    crop = dc.crop_size or most_common_size(train.image_sizes())
-    train_tf = TrainTransform(TrainTransformConfig(crop_size=crop, resize=dc.resize, scale_range=tuple(dc.scale_range),
-                                                   hflip=dc.hflip, jitter=dc.jitter), classes.ignore_label)
+    train_tf = train_transform(config, train)
     eval_tf = EvalTransform(EvalTransformConfig(resize=dc.eval_resize))
     accum = config.optim.grad_accum
     steps = batches_per_epoch(train.num_samples, dc.batch_size, state.num_processes, accum) // accum
