@@ -5,7 +5,9 @@ into the distributed ConfusionMatrix.
 ``accelerate launch -m unetseg.evaluate MODEL ...`` (any number of processes: every
 sample is scored once, and the matrix is summed with one all-reduce, so the result is
 identical) print a per-class table and write ``report.json`` with a row-normalised
-confusion-matrix plot and a per-class IoU bar chart beside it.
+confusion-matrix plot and a per-class IoU bar chart beside it; for a run's best/ or final/
+the result is also appended to the run's ``evaluations.jsonl``, which ``unetseg report``
+shows.
 
 The scoring loop and test-time augmentation are :mod:`unetseg.scoring`'s, shared with
 training's periodic evaluation; the network input is :func:`unetseg.transforms.eval_input`,
@@ -110,6 +112,7 @@ def run(args: argparse.Namespace) -> SegmentationMetrics:
             "split_samples": expected, "missing_samples": missing, "unreadable": stats.problems(), **result.to_dict(),
         }
         write_report(report, result, Path(args.out), stats)
+        record_in_run(folder, report, Path(args.out))
     accelerator.end_training()
     return result
 
@@ -144,6 +147,25 @@ def maybe_compiled(args: argparse.Namespace, model, device, source, resize):
     listed = split.image_sizes if split is not None else {}  # unknown: each batch rounded up to the multiple
     sizes = [[int(v) for v in size.split("x")] for size in listed] if resize is None else [list(resize)]
     return compiled_model(model, args.batch_size, max((h for h, _ in sizes), default=0), max((w for _, w in sizes), default=0))
+
+
+def record_in_run(folder: Path, report: dict, out: Path) -> None:
+    """Append the result to the run's ``evaluations.jsonl`` (for ``unetseg report``) when
+    the model is a run's best/ or final/."""
+    from datetime import datetime
+
+    from unetseg.runstate import append_jsonl
+
+    run_dir = folder.parent
+    if not (run_dir / "metrics.jsonl").is_file():
+        return
+    record = {key: report[key] for key in ("split", "data", "tta", "eval_resize", "mIoU", "pixel_accuracy", "num_samples")}
+    record.update(time=datetime.now().astimezone().isoformat(timespec="seconds"), model=folder.name,
+                  report=str(out.resolve()), per_class_iou={c: v["iou"] for c, v in report["per_class"].items()})
+    try:
+        append_jsonl(run_dir / "evaluations.jsonl", record)
+    except OSError as e:  # the report is written; the run dir may be read-only
+        print(f"warning: could not record this evaluation in {run_dir / 'evaluations.jsonl'}: {e}", file=sys.stderr)
 
 
 def write_report(report: dict, result: SegmentationMetrics, out: Path, stats) -> None:

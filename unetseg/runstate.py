@@ -129,6 +129,47 @@ def write_run_files(run_dir: Path, config: TrainConfig, info, resumed_at: int | 
         write_text_atomic(run_dir / f"config.resumed-step-{resumed_at:08d}.yaml", config.to_yaml())
 
 
+def session_record(accelerator, step: int, resumed_from: Path | None) -> dict[str, Any]:
+    """What ``sessions.jsonl`` keeps of one start of a run (a resume is another start): the
+    command, when, where and on what, for ``unetseg report``."""
+    import os
+    import platform
+    import shlex
+    import sys
+
+    import torch
+
+    from unetseg import __version__
+
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("unetseg/train.py", "unetseg\\train.py")):
+        argv[:1] = ["python", "-m", "unetseg.train"]
+    elif argv:
+        argv[0] = Path(argv[0]).name
+    device = accelerator.device
+    if device.type == "cuda":
+        hardware = f"{torch.cuda.get_device_name(device)} x {accelerator.num_processes} process(es)"
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")]
+            cpu = names[0] if names else cpu
+        except OSError:
+            pass
+        hardware = f"{cpu}, {os.cpu_count()} cores, {accelerator.num_processes} process(es)"
+    return {"event": "start", "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": shlex.join(argv), "step": step, "resumed_from": str(resumed_from) if resumed_from else None,
+            "host": platform.node(), "hardware": hardware, "device": device.type,
+            "num_processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision),
+            "unetseg": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def record_session_end(run_dir: Path, step: int, stopped: bool) -> None:
+    append_jsonl(run_dir / "sessions.jsonl", {"event": "end", "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+                                              "step": step, "stopped": stopped})
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")

@@ -104,12 +104,15 @@ def confusion_matrix(
     autocast: Callable[[], Any] = contextlib.nullcontext,
     keep: int = 0,
     hook: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    each: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[ConfusionMatrix, list[dict[str, torch.Tensor]]]:
     """This process's (not yet reduced) confusion matrix over ``batches``, and up to
     ``keep`` examples (normalised image, prediction, target) for pictures.
 
     ``hook`` brings each batch to the device (default: a plain :class:`BatchHook` on
-    ``device``); training passes its own, so evaluation sees batches as training does."""
+    ``device``); training passes its own, so evaluation sees batches as training does.
+    ``each(key, prediction, target)`` is called for every sample with the two HxW label
+    maps that were counted (at the mask's resolution, batch padding cut off)."""
     hook = hook or BatchHook(device)
     was_training = model.training
     model.eval()
@@ -124,10 +127,15 @@ def confusion_matrix(
         if "full_mask" in batch:
             for i, full_target in enumerate(batch["full_mask"]):
                 full_target = full_target.to(image.device, non_blocking=True)
-                full = resize_logits(logits[i : i + 1], full_target.shape[-2:])
-                cm.update(full.argmax(1), full_target.unsqueeze(0))
+                full = resize_logits(logits[i : i + 1], full_target.shape[-2:]).argmax(1)
+                cm.update(full, full_target.unsqueeze(0))
+                if each is not None:
+                    each(batch["keys"][i], full[0], full_target)
         else:
             cm.update(pred, target)  # batch padding carries the ignore label
+            if each is not None:
+                for i, (h, w) in enumerate(batch["sizes"]):
+                    each(batch["keys"][i], pred[i, :h, :w], target[i, :h, :w])
         for i in range(min(keep - len(examples), len(pred))):
             h, w = pred.shape[-2:] if "full_mask" in batch else batch["sizes"][i]
             examples.append({"image": image[i, :, :h, :w].cpu(), "pred": pred[i, :h, :w].cpu(), "target": target[i, :h, :w].cpu()})

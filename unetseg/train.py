@@ -9,8 +9,8 @@ evaluation every ``eval_every`` steps is :class:`~unetseg.validation.Validation`
 log :class:`~unetseg.tracking.Reporter`'s; :func:`save` checkpoints every ``save_every``
 steps.
 SIGTERM/SIGINT stop the loop cleanly between micro-batches. The run dir gets
-``config.yaml``, ``dataset.json``, ``metrics.jsonl``, ``checkpoints/``, ``best/`` and
-``final/``.
+``config.yaml``, ``dataset.json``, ``metrics.jsonl``, ``sessions.jsonl`` (each start and
+end: command, time, hardware), ``checkpoints/``, ``best/`` and ``final/``.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def finished(run: Run) -> bool:
 def start_reporting(run: Run) -> None:
     """The run dir's files, the banner, and the tracker (after the resume point is known)."""
     from unetseg.models import describe_model
-    from unetseg.runstate import truncate_metrics, write_run_files
+    from unetseg.runstate import append_jsonl, session_record, truncate_metrics, write_run_files
     from unetseg.runtime import channels_last, compiled
     from unetseg.tracking import flat_config
 
@@ -200,6 +200,7 @@ def start_reporting(run: Run) -> None:
     if run.main:
         write_run_files(run.run_dir, config, run.data.info, ts.step if run.resume_from else None)
         truncate_metrics(run.run_dir / "metrics.jsonl", ts.step, ts.pending_eval)
+        append_jsonl(run.run_dir / "sessions.jsonl", session_record(accelerator, ts.step, run.resume_from))
         world, dc = accelerator.num_processes, config.data
         print(config.to_yaml(), end="")
         print(f"{describe_model(run.net)}; {world} process(es) on {accelerator.device.type}, mixed precision "
@@ -314,6 +315,7 @@ def train(config: TrainConfig, batches: Iterator[dict[str, Any]] | None = None) 
 def loop(run: Run, stop: StopFlag, batches: Iterator[dict[str, Any]] | None) -> dict[str, Any]:
     """The training loop: step, log, evaluate, checkpoint, until the last step or a stop."""
     from unetseg.badsamples import StreamStats
+    from unetseg.runstate import record_session_end
     from unetseg.tracking import Reporter
     from unetseg.train_data import train_batches
     from unetseg.validation import Validation
@@ -349,6 +351,8 @@ def loop(run: Run, stop: StopFlag, batches: Iterator[dict[str, Any]] | None) -> 
                 reporter.restart_clock()
     finally:
         reporter.close()
+    if run.main:
+        record_session_end(run.run_dir, ts.step, stopped)
     if stopped:
         if run.main:
             print(f"stopped by {stop.signal or 'a signal on another rank'} at step {ts.step}; "
