@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.unetseg-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-browser install clean
 
 install: $(STAMP)
 
@@ -16,12 +16,22 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job on the embedded default: train a U-Net on the synthetic 10-class dataset
-# (generated under shards/synthetic on first use) and print the final val mIoU.
+# (generated under shards/synthetic on first use), print the final val mIoU, then write
+# the run's HTML report and print its path.
 demo: $(STAMP)
-	$(BIN)/python -m unetseg.train
+	@run=runs/demo-$$(date +%Y%m%d-%H%M%S); \
+	$(BIN)/python -m unetseg.train --output-dir $$run && $(BIN)/python -m unetseg report $$run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The report page in a real headless browser: installs Debian's chromium (apt, as root or
+# with sudo) and playwright, then runs the tests marked browser (make test skips them
+# when these are missing).
+test-browser: $(STAMP)
+	command -v chromium >/dev/null || $$( [ "$$(id -u)" = 0 ] || echo sudo ) sh -c 'apt-get update -q && apt-get install -y -q chromium'
+	$(BIN)/python -m pip install --quiet -e '.[dev,browser]'
+	$(BIN)/python -m pytest -m browser
 
 clean:
 	rm -rf $(VENV) shards/synthetic .pytest_cache

@@ -235,3 +235,26 @@ def unnormalized(image):
     import torch
 
     return (image * 255).round().to(torch.int64)
+
+
+def direct_predictions(model_dir: Path, data: Path, split: str = "val"):
+    """(key, target, prediction, num_classes, ignore_index) per sample of the split, each
+    image run through the saved model here, without the stream, the scorer or the reducer."""
+    import torch
+
+    from unetseg.checkpoint import load_model
+    from unetseg.dataset import DatasetInfo
+    from unetseg.imageio import decode_image, decode_mask
+    from unetseg.shards import iter_shard
+    from unetseg.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    model, _, info = load_model(model_dir)
+    model.eval()
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    for shard in DatasetInfo.load(data).splits[split].shards:
+        for s in iter_shard(data / shard):
+            image = torch.from_numpy(decode_image(s["jpg"]).copy()).permute(2, 0, 1).float() / 255
+            target = decode_mask(s["mask.png"]).astype(np.int64)
+            with torch.no_grad():
+                pred = model(((image - mean) / std)[None]).argmax(1)[0].numpy()
+            yield s["__key__"], target, pred, info.num_classes, info.classes.ignore_index

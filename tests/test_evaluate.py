@@ -13,16 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_folders, write_classes
+from conftest import direct_predictions, make_folders, write_classes
 from multiproc import run_distributed
 from unetseg.checkpoint import load_model
-from unetseg.dataset import DatasetInfo
 from unetseg.scoring import TTA
-from unetseg.imageio import decode_image, decode_mask
 from unetseg.pack import pack
-from unetseg.shards import iter_shard
 from unetseg.synth import synth
-from unetseg.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -47,19 +43,11 @@ def evaluate(*args: str) -> subprocess.CompletedProcess:
 
 def direct_matrix(model_dir: Path, data: Path, split: str = "val") -> np.ndarray:
     """The confusion matrix computed here, image by image, without the stream or the reducer."""
-    model, _, info = load_model(model_dir)
-    model.eval()
-    n, ignore = info.num_classes, info.classes.ignore_index
-    matrix = np.zeros((n, n), dtype=np.int64)
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    for shard in DatasetInfo.load(data).splits[split].shards:
-        for s in iter_shard(data / shard):
-            image = torch.from_numpy(decode_image(s["jpg"]).copy()).permute(2, 0, 1).float() / 255
-            target = decode_mask(s["mask.png"]).astype(np.int64)
-            with torch.no_grad():
-                pred = model(((image - mean) / std)[None]).argmax(1)[0].numpy()
-            keep = (target != ignore) & (target < n)
-            np.add.at(matrix, (target[keep], pred[keep]), 1)
+    matrix = None
+    for _, target, pred, n, ignore in direct_predictions(model_dir, data, split):
+        matrix = np.zeros((n, n), dtype=np.int64) if matrix is None else matrix
+        keep = (target != ignore) & (target < n)
+        np.add.at(matrix, (target[keep], pred[keep]), 1)
     return matrix
 
 

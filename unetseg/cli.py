@@ -182,6 +182,25 @@ def export(
     raise typer.Exit(main_export(model, format.value, out))
 
 
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="A run dir (what training wrote to --output-dir), finished or still going."),
+    data: Optional[str] = typer.Option(None, help="Shards to score the model on (default: the run's own data)."),
+    split: str = typer.Option("val", help="Split to score and show."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default: RUN/report.html)."),
+    gallery: int = typer.Option(6, help="Worst and best images to show (each)."),
+    batch_size: int = typer.Option(4, help="Images per forward pass."),
+    num_workers: int = typer.Option(0, help="DataLoader workers reading the split."),
+) -> None:
+    """One self-contained HTML page for a run: sessions, curves, per-class table, confusion
+    matrix, worst and best images, evaluations."""
+    from unetseg.report import report as write_report
+
+    written = write_report(run, data=data, split=split, out=out_path, gallery=gallery, batch_size=batch_size,
+                           num_workers=num_workers)
+    out.print(f"wrote {written}")
+
+
 @shards_app.command("info")
 def shards_info(folder: Path = typer.Argument(..., help="A shard folder with dataset.json.")) -> None:
     """Samples per split and the class-frequency table."""
