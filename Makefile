@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.unetseg-installed
 
-.PHONY: demo test test-browser install clean
+.PHONY: demo test test-browser test-slurm install clean
 
 install: $(STAMP)
 
@@ -32,6 +32,13 @@ test-browser: $(STAMP)
 	command -v chromium >/dev/null || $$( [ "$$(id -u)" = 0 ] || echo sudo ) sh -c 'apt-get update -q && apt-get install -y -q chromium'
 	$(BIN)/python -m pip install --quiet -e '.[dev,browser]'
 	$(BIN)/python -m pytest -m browser
+
+# SLURM preemption for real: installs Debian's slurm-wlm and munge (apt, as root: the
+# one-host cluster the test writes runs jobs as root), then runs the tests marked slurm
+# (make test skips them when SLURM is missing).
+test-slurm: $(STAMP)
+	command -v slurmctld >/dev/null || sh -c 'apt-get update -q && apt-get install -y -q slurm-wlm munge'
+	$(BIN)/python -m pytest -m slurm
 
 clean:
 	rm -rf $(VENV) shards/synthetic .pytest_cache
