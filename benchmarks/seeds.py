@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -32,28 +34,43 @@ def spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     usage="%(prog)s [--seeds 0,1,2] [--out DIR] -- TRAIN_ARGS")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--out", default="runs/seeds", help="parent folder of the runs (seed-S each)")
+def parse(parser: argparse.ArgumentParser, seeds: str, out: str) -> tuple[argparse.Namespace, list[str], list[int], dict]:
+    """Add ``--seeds``, ``--out`` and the training arguments after ``--``; returns the
+    parsed options, the training arguments, the seeds and the environment of the runs
+    (this checkout's unetseg first)."""
+    parser.add_argument("--seeds", default=seeds, help=f"comma-separated seeds (default {seeds})")
+    parser.add_argument("--out", default=out, help="parent folder of the runs")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments for python -m unetseg.train, after --")
     args = parser.parse_args()
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    seeds = [int(s) for s in args.seeds.split(",")]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return args, train_args, [int(s) for s in args.seeds.split(",")], env
 
+
+def train(run_dir: Path, train_args: list[str], env: dict) -> None:
+    """``python -m unetseg.train TRAIN_ARGS --output-dir RUN_DIR`` unless that run is
+    finished (an interrupted one continues); its wall time goes to ``RUN_DIR/wall_s.txt``."""
+    if (run_dir / "final").is_dir():
+        return
+    cmd = [sys.executable, "-m", "unetseg.train", *train_args, "--output-dir", str(run_dir)]
+    if run_dir.exists():
+        cmd += ["--resume", "auto"]
+    print(f"training {run_dir}: {shlex.join(cmd[3:])}", flush=True)
+    start = time.perf_counter()
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{run_dir} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    (run_dir / "wall_s.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     usage="%(prog)s [--seeds 0,1,2] [--out DIR] -- TRAIN_ARGS")
+    args, train_args, seeds, env = parse(parser, "0,1,2", "runs/seeds")
     per_seed = {}
     for seed in seeds:
         run_dir = Path(args.out) / f"seed-{seed}"
-        if not (run_dir / "final").is_dir():
-            print(f"seed {seed}: training into {run_dir}", flush=True)
-            cmd = [sys.executable, "-m", "unetseg.train", *train_args, "--seed", str(seed), "--output-dir", str(run_dir)]
-            if run_dir.exists():
-                cmd += ["--resume", "auto"]  # an interrupted seed continues
-            result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise SystemExit(f"seed {seed} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        train(run_dir, [*train_args, "--seed", str(seed)], env)
         evals = evaluations(run_dir)
         if not evals:
             raise SystemExit(f"{run_dir}/metrics.jsonl has no evaluation")

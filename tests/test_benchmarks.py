@@ -141,3 +141,23 @@ def test_seeds(tmp_path, syn):
     assert set(out["per_class_mean"]) and "mean" in text
     again, _ = run_json("benchmarks/seeds.py", "--seeds", "0,1", "--out", str(tmp_path / "seeds"), "--")
     assert again["per_seed"] == out["per_seed"]  # finished runs are read, not trained again
+
+
+def test_ablate(tmp_path, syn):
+    tiny = ["--data", str(syn), "--max-steps", "2", "--eval-every", "2", "--batch-size", "2", "--model-width", "4",
+            "--model-depth", "2", "--crop-size", "32", "--num-workers", "0", "--tracker", "none"]
+    out, text = run_json("benchmarks/ablate.py", "--out", str(tmp_path / "ablate"),
+                         "--variant", "seed_1=--seed 1", "--variant", "residual=--model-block residual", "--", *tiny)
+    runs = out["runs"]
+    assert list(runs) == ["baseline", "seed_1", "residual"] and runs["residual"]["args"] == ["--model-block", "residual"]
+    config = (tmp_path / "ablate" / "residual" / "config.yaml").read_text()
+    assert "block: residual" in config and "seed: 0" in config  # the variant's change, on the baseline's seed
+    assert "seed: 1" in (tmp_path / "ablate" / "seed_1" / "config.yaml").read_text()
+    mious = {name: r["results"][0]["miou"] for name, r in runs.items()}
+    for name, miou in mious.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name}"))
+        assert f"| {100 * miou:.2f} |" in row
+        if name != "baseline":
+            assert f"{100 * (miou - mious['baseline']):+.2f}" in row
+    again, _ = run_json("benchmarks/ablate.py", "--out", str(tmp_path / "ablate"), "--variant", "seed_1=--seed 1", "--")
+    assert again["runs"]["seed_1"]["results"] == runs["seed_1"]["results"]  # finished runs are read, not trained again
