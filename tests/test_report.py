@@ -115,6 +115,23 @@ def test_a_run_still_going_names_what_is_missing(tmp_path, trained):
     assert "no training curves" not in page
 
 
+def test_a_resumed_run_shows_one_row_per_session(tmp_path, trained):
+    run_dir, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    start, end = [json.loads(line) for line in (run_dir / "sessions.jsonl").read_text().splitlines()]
+    sessions = [{**start, "command": "first"}, {**end, "step": 4, "stopped": True},
+                {**start, "command": "second --resume auto", "step": 4, "resumed_from": "checkpoints/step-00000004"}, end]
+    (resumed / "sessions.jsonl").write_text("".join(json.dumps(s) + "\n" for s in sessions))
+    page = report(resumed, gallery=0).read_text()
+    section = page.split("<h2>Run</h2>")[1].split("</table>")[0]
+    rows = section.split("<tr>")[2:]
+    assert len(rows) == 2
+    assert "first" in rows[0] and "stopped by a signal" in rows[0] and "<td>4</td>" in rows[0]
+    assert "second --resume auto" in rows[1] and "<td>6</td>" in rows[1]
+    assert "Worst" not in page  # --gallery 0
+
+
 def test_a_model_whose_data_is_gone_is_reported_without_a_gallery(tmp_path, trained):
     run_dir, _ = trained
     page = report(run_dir, data=str(tmp_path / "nowhere"), out=tmp_path / "page.html").read_text()
