@@ -65,3 +65,12 @@ def test_truncated_and_garbage_bytes_raise_decode_error(fmt):
         with pytest.raises(DecodeError):
             decode_mask(broken)
     assert issubclass(DecodeError, ValueError)
+
+
+def test_encode_png_refuses_values_that_would_wrap():
+    ids = np.array([[0, 255]], dtype=np.int64)
+    np.testing.assert_array_equal(decode_mask(encode_png(ids)), ids)  # 0..255 in a wider type is fine
+    with pytest.raises(ValueError, match="0..255"):
+        encode_png(np.array([[0, 256]]))
+    with pytest.raises(ValueError, match="0..255"):
+        encode_png(np.array([[-1, 3]]))

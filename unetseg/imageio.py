@@ -41,7 +41,12 @@ def to_rgb_array(img: Image.Image) -> np.ndarray:
 
 
 def encode_png(array: np.ndarray) -> bytes:
-    """Lossless PNG of an HxW (L) or HxWx3 (RGB) uint8 array; same array, same bytes."""
+    """Lossless PNG of an HxW (L) or HxWx3 (RGB) 8-bit array; same array, same bytes.
+    Values outside 0..255 are refused rather than wrapped (a class id 256 would read back
+    as 0)."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8 and array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(f"values {array.min()}..{array.max()} do not fit an 8-bit PNG (0..255)")
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
