@@ -35,7 +35,7 @@ test-browser: $(STAMP)
 
 # SLURM preemption for real: installs Debian's slurm-wlm and munge (apt, as root: the
 # one-host cluster the test writes runs jobs as root), then runs the tests marked slurm
-# (make test skips them when SLURM is missing).
+# (make test leaves them out: see addopts in pyproject.toml).
 test-slurm: $(STAMP)
 	command -v slurmctld >/dev/null || sh -c 'apt-get update -q && apt-get install -y -q slurm-wlm munge'
 	$(BIN)/python -m pytest -m slurm
