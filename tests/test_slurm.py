@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file

@@ -66,6 +66,15 @@ class ClassInfo:
         are 8-bit and there are at most 255 classes."""
         return MAX_LABEL if self.ignore_index is None else self.ignore_index
 
+    def palette_lut(self):
+        """A 256x3 uint8 lookup table from label to colour: the palette, and black for the
+        labels above the classes (255 among them)."""
+        import numpy as np
+
+        lut = np.zeros((256, 3), dtype=np.uint8)
+        lut[: self.num_classes] = np.asarray(self.palette, dtype=np.uint8)
+        return lut
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -152,15 +152,13 @@ def maybe_compiled(args: argparse.Namespace, model, device, source, resize):
 def record_in_run(folder: Path, report: dict, out: Path) -> None:
     """Append the result to the run's ``evaluations.jsonl`` (for ``unetseg report``) when
     the model is a run's best/ or final/."""
-    from datetime import datetime
-
-    from unetseg.runstate import append_jsonl
+    from unetseg.runstate import append_jsonl, now
 
     run_dir = folder.parent
     if not (run_dir / "metrics.jsonl").is_file():
         return
     record = {key: report[key] for key in ("split", "data", "tta", "eval_resize", "mIoU", "pixel_accuracy", "num_samples")}
-    record.update(time=datetime.now().astimezone().isoformat(timespec="seconds"), model=folder.name,
+    record.update(time=now(), model=folder.name,
                   report=str(out.resolve()), per_class_iou={c: v["iou"] for c, v in report["per_class"].items()})
     try:
         append_jsonl(run_dir / "evaluations.jsonl", record)

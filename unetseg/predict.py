@@ -157,8 +157,7 @@ class Segmenter:
             self.model = compiled_model(self.model, batch_size)
         self.config = config
         self.classes = info.classes
-        self.palette = np.zeros((256, 3), dtype=np.uint8)
-        self.palette[: info.num_classes] = np.asarray(info.classes.palette, dtype=np.uint8)
+        self.palette = info.classes.palette_lut()
         data = config.get("data") or {}
         self.eval_resize = size_pair(data.get("eval_resize"), "eval_resize (in the model's config.yaml)")
 

@@ -76,8 +76,7 @@ def preview(folder: str | os.PathLike, out: str | os.PathLike, split: str = "tra
         raise UnetsegError(f"{source.describe()} has no samples. Fix: pick another --split")
     if augmented:
         pairs = list(_augment(config, source, pairs))
-    lut = np.zeros((256, 3), dtype=np.float32)
-    lut[: classes.num_classes] = classes.palette
+    lut = classes.palette_lut().astype(np.float32)
     cols = min(4, len(pairs))
     rows = -(-len(pairs) // cols)
     height, width = pairs[0][1].shape[-2:]

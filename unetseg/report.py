@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from unetseg.errors import UnetsegError
+from unetseg.tracking import pct
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
@@ -62,10 +63,6 @@ class Page:
 
 def esc(value: Any) -> str:
     return html.escape(str(value))
-
-
-def pct(value: float | None) -> str:
-    return "-" if value is None or value != value else f"{100 * value:.2f}"
 
 
 def data_uri(data: bytes, mime: str = "image/png") -> str:
@@ -198,20 +195,15 @@ class Scored:
     target: np.ndarray
 
 
-def image_miou(pred, target, num_classes: int) -> float | None:
-    """Mean IoU of one image over the classes in its ground truth or prediction (None:
-    no counted pixel)."""
-    import torch
+def image_miou(pred, target, num_classes: int, ignore_index: int | None = None) -> float | None:
+    """Mean IoU of one image over the classes in its ground truth or prediction, as the
+    split's :class:`~unetseg.metrics.ConfusionMatrix` counts them (None: no counted pixel)."""
+    from unetseg.metrics import ConfusionMatrix
 
-    valid = target < num_classes  # the ignore label is outside the classes, or masked below
-    if not bool(valid.any()):
-        return None
-    counts = torch.bincount(target[valid].long() * num_classes + pred[valid].long(), minlength=num_classes ** 2)
-    matrix = counts.view(num_classes, num_classes).double()
-    tp = matrix.diagonal()
-    union = matrix.sum(0) + matrix.sum(1) - tp
-    present = union > 0
-    return float((tp[present] / union[present]).mean())
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    cm.update(pred[None], target[None])
+    result = cm.compute()
+    return None if result.num_pixels == 0 else result.miou
 
 
 def score_images(model_dir: Path, source, classes, eval_resize, batch_size: int, num_workers: int, keep: int):
@@ -234,8 +226,7 @@ def score_images(model_dir: Path, source, classes, eval_resize, batch_size: int,
     scored = [0]
 
     def each(key: str, pred, target) -> None:
-        target = torch.where(target == ignore, classes.num_classes, target) if ignore < classes.num_classes else target
-        miou = image_miou(pred, target, classes.num_classes)
+        miou = image_miou(pred, target, classes.num_classes, ignore)
         if miou is None:
             return
         scored[0] += 1
@@ -265,14 +256,13 @@ def gallery_rows(items: list[Scored], source, classes) -> list[str]:
                 images[sample["__key__"]] = decode_pair(sample)[0].permute(1, 2, 0).numpy()
         if len(images) == len(wanted):
             break
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: classes.num_classes] = np.asarray(classes.palette, dtype=np.uint8)
+    lut = classes.palette_lut()
     rows = []
     for s in items:
         image = images.get(s.key)
         if image is None or image.shape[:2] != s.target.shape:
             image = np.full((*s.target.shape, 3), 128, dtype=np.uint8)  # not found again: a grey stand-in
-        counted = s.target < classes.num_classes
+        counted = (s.target != classes.ignore_label) & (s.target < classes.num_classes)
         wrong = counted & (s.pred != s.target)
         errors = (image * 0.35).astype(np.uint8)
         errors[wrong] = (230, 30, 30)
@@ -311,7 +301,7 @@ def report(run_dir: str | os.PathLike, data: str | None = None, split: str = "va
     """Write the run's report page (written whole or not at all); returns its path."""
     import torch
 
-    from unetseg.checkpoint import WEIGHTS_FILE, write_text_atomic
+    from unetseg.checkpoint import model_folder, write_text_atomic
     from unetseg.config import TrainConfig
     from unetseg.dataset import DatasetInfo
     from unetseg.evaluate import check_classes
@@ -343,7 +333,10 @@ def report(run_dir: str | os.PathLike, data: str | None = None, split: str = "va
         page.add("Training curves", figure(curves, f"Also written to <code>{esc(curves_path)}</code>.", "training curves"))
 
     result, worst, best, where = None, [], [], ""
-    model_dir = next((run_dir / n for n in ("best", "final") if (run_dir / n / WEIGHTS_FILE).is_file()), None)
+    try:
+        model_dir = model_folder(run_dir)
+    except UnetsegError:
+        model_dir = None
     if model_dir is None:
         page.missing.append("No saved model yet (best/ and final/ are empty): the gallery needs one; the table below "
                             "is the last evaluation's.")

@@ -158,7 +158,7 @@ def session_record(accelerator, step: int, resumed_from: Path | None) -> dict[st
         except OSError:
             pass
         hardware = f"{cpu}, {os.cpu_count()} cores, {accelerator.num_processes} process(es)"
-    return {"event": "start", "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+    return {"event": "start", "time": now(),
             "command": shlex.join(argv), "step": step, "resumed_from": str(resumed_from) if resumed_from else None,
             "host": platform.node(), "hardware": hardware, "device": device.type,
             "num_processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision),
@@ -166,8 +166,12 @@ def session_record(accelerator, step: int, resumed_from: Path | None) -> dict[st
 
 
 def record_session_end(run_dir: Path, step: int, stopped: bool) -> None:
-    append_jsonl(run_dir / "sessions.jsonl", {"event": "end", "time": datetime.now().astimezone().isoformat(timespec="seconds"),
-                                              "step": step, "stopped": stopped})
+    append_jsonl(run_dir / "sessions.jsonl", {"event": "end", "time": now(), "step": step, "stopped": stopped})
+
+
+def now() -> str:
+    """Local time with its UTC offset, to the second, as the run's records write it."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

@@ -99,7 +99,8 @@ def log_predictions(accelerator, examples: list[dict[str, torch.Tensor]], classe
 
 
 def pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
+    """A fraction as a percentage with 2 decimals; None or NaN (undefined) as n/a."""
+    return "n/a" if value is None or value != value else f"{100 * value:.2f}"
 
 
 def tracker_metrics(metrics: dict[str, Any], bad: int) -> dict[str, Any]:
