@@ -25,7 +25,6 @@ class TrainerState:
     best_step: int | None = None
     nonfinite_streak: int = 0
     tracker_run_id: str | None = None
-    scheduler: dict[str, Any] = field(default_factory=dict)
     pending_eval: bool = False
     """The evaluation due at ``step`` did not complete (a stop cut it short): resume runs it first."""
     setup: dict[str, Any] = field(default_factory=dict)
@@ -59,8 +58,10 @@ def choose_start(config: TrainConfig) -> tuple[Path, Path | None]:
 
 
 def run_setup(config: TrainConfig, world: int, train_source, model_options: dict[str, Any]) -> dict[str, Any]:
-    """What the data position of a step depends on, as JSON types: resuming with any of
-    it changed would silently continue on other data (or fail to load)."""
+    """What the data position of a step and the checkpoint's contents depend on, as JSON
+    types: resuming with any of it changed would silently continue on other data, or load
+    weights and optimiser moments into what they were not made for (or fail to load). The
+    rest of the config may change on a resume (:func:`unetseg.train.load_resumed`)."""
     dc = config.data
     return json.loads(json.dumps({
         "world_size": world,
@@ -73,6 +74,7 @@ def run_setup(config: TrainConfig, world: int, train_source, model_options: dict
         "train_shards": [[url.rsplit("/", 1)[-1], n] for url, n in zip(train_source.urls, train_source.counts)],
         "model": model_options,
         "deep_supervision": config.loss.deep_supervision > 0,  # its heads are in the checkpoint or not
+        "optimizer": config.optim.optimizer,  # its saved moments are of this optimiser's kind
     }))
 
 
@@ -83,6 +85,7 @@ SETUP_FIX = {
     "shuffle_buffer": "--shuffle-buffer", "train_split": "--train-split",
     "train_shards": "--data with the same training shards", "model": "the same --model-* options",
     "deep_supervision": "--deep-supervision on (> 0) or off (0) as when the run started",
+    "optimizer": "the same --optimizer (its moments do not carry over to another one)",
 }
 
 
@@ -105,7 +108,7 @@ def check_setup(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path
     lines = [f"  - {key}: {short(saved[key])} when the run started, {short(current[key])} now "
              f"(fix: {SETUP_FIX[key]})" for key in changed]
     raise UnetsegError(
-        f"cannot resume from {checkpoint}: what the data order depends on has changed:\n" + "\n".join(lines) +
+        f"cannot resume from {checkpoint}: what the data order or the checkpoint's contents depend on has changed:\n" + "\n".join(lines) +
         "\nFix: resume with the run's original settings (its config.yaml), or start a new run in another --output-dir"
     )
 

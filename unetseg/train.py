@@ -177,11 +177,54 @@ def setup(config: TrainConfig) -> Run:
               optimizer, scheduler, build_loss(config, data, accelerator.device),
               batch_hook(config, accelerator.device, data),
               eval_model(config, accelerator.device, net, data), total_steps, eval_every, rc.save_every or eval_every, tracker)
+    if resume_from:
+        check_schedule_length(run)
     if resume_from and not (finished(run) and (run_dir / "final" / WEIGHTS_FILE).is_file()):
         check_setup(run.state.setup, setup_now, resume_from)
-        load_checkpoint(accelerator, resume_from)
-        scheduler.load_state_dict(run.state.scheduler)
+        load_resumed(run, load_checkpoint)
     return run
+
+
+def load_resumed(run: Run, load_checkpoint: Callable[[Any, Path], None]) -> None:
+    """Weights, optimiser moments, RNG states and the data position from the checkpoint;
+    every optimiser hyperparameter and the lr schedule from the config, at the resumed step.
+
+    What a resume may change is what a step's update is a pure function of: the lr, the
+    schedule (its name, warmup, power, floor and length: ``--max-steps``/``--epochs``, so a
+    finished run can be extended), weight decay, betas, eps, momentum, nesterov, gradient
+    clipping, the loss and the evaluation and saving cadence. Each step after the resume
+    trains as the new config says that step trains; the steps before stay as they were.
+    What the data order or the checkpoint's shape depends on is refused by
+    :func:`~unetseg.runstate.check_setup`, the optimiser's name among it."""
+    # The optimiser was built from the config: keep its hyperparameters over the checkpoint's.
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in run.optimizer.param_groups]
+    load_checkpoint(run.accelerator, run.resume_from)
+    for group, values in zip(run.optimizer.param_groups, hyper, strict=True):
+        group.update(values)
+    schedule_at(run.scheduler, run.state.step)
+
+
+def schedule_at(scheduler: Any, step: int) -> None:
+    """Put a freshly built ``LambdaLR`` at optimiser step ``step``: every param group then
+    holds ``base_lr * factor(step)``, the lr its next step uses, as if the schedule had been
+    stepped ``step`` times (the lr is a function of the step alone, :mod:`unetseg.optim`)."""
+    lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    scheduler.load_state_dict({**scheduler.state_dict(), "last_epoch": step, "_step_count": step + 1, "_last_lr": lrs})
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+
+
+def check_schedule_length(run: Run) -> None:
+    """A resume may lengthen the schedule, or shorten it down to the step the run is at."""
+    step, total = run.state.step, run.total_steps
+    if step > total:
+        rc = run.config.run
+        asked = f"--max-steps {rc.max_steps}" if rc.max_steps else f"--epochs {rc.epochs} ({total} steps)"
+        raise UnetsegError(
+            f"cannot resume from {run.resume_from}: the run is at step {step}, past the {asked} asked for now. "
+            f"Fix: ask for at least {step} steps (e.g. --max-steps {step} to end it there), or start a new run "
+            "in another --output-dir"
+        )
 
 
 def finished(run: Run) -> bool:
@@ -281,7 +324,6 @@ def skip_step(run: Run) -> None:
 def save(run: Run) -> None:
     from unetseg.checkpoint import save_checkpoint
 
-    run.state.scheduler = run.scheduler.state_dict()
     save_checkpoint(run.accelerator, run.run_dir, run.state.step, run.state.__dict__.copy(),
                     run.config.run.keep_checkpoints)
 
@@ -336,6 +378,7 @@ def loop(run: Run, stop: StopFlag, batches: Iterator[dict[str, Any]] | None) -> 
             last_eval = validate()
             stopped = last_eval is None
             save(run)  # records that it ran (or, stopped again, that it still has to)
+            reporter.restart_clock()  # images/s counts training only
         while ts.step < run.total_steps and not stopped:
             lr, stopped = train_step(run, batches, stop, reporter.losses)
             reporter.log_step(lr, stopped)

@@ -1,0 +1,131 @@
+"""What a resume may change, and that it trains with it: the lr, the schedule and its
+length, the optimiser's hyperparameters come from the resumed config at the resumed step;
+the optimiser's kind and a schedule shorter than the run so far are refused by name. Also:
+images/s after a resume that starts with a pending evaluation counts training only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_main
+from unetseg.optim import lr_at
+from unetseg.synth import synth
+
+TINY = ["--batch-size", "4", "--model-width", "8", "--model-depth", "2", "--num-workers", "0",
+        "--tracker", "none", "--crop-size", "32", "--log-every", "1", "--eval-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data") / "syn"
+    synth(folder, train=24, val=4, size="32x32", shard_size=8, workers=1, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory, data) -> Path:
+    """A finished 8-step run (poly at lr 0.002) with checkpoints at steps 4 and 8."""
+    out = tmp_path_factory.mktemp("runs") / "started"
+    train(None, data, out, "--max-steps", "8", "--save-every", "4", "--lr", "0.002")
+    return out
+
+
+def train(capsys, data: Path, out: Path, *extra: str, code: int = 0) -> str:
+    argv = ["--data", data, "--output-dir", out, *TINY, *extra]
+    got, stdout, stderr = run_main("train", argv, capsys or NoCapture())
+    assert got == code, stdout[-3000:] + stderr[-3000:]
+    return stdout + stderr
+
+
+class NoCapture:
+    """capsys's stand-in where a module-scoped fixture trains: the output stays on the terminal."""
+
+    @staticmethod
+    def readouterr():
+        return type("Captured", (), {"out": "", "err": ""})
+
+
+def copy_run(started: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(started, out)
+    return out
+
+
+def logged(out: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def saved_groups(checkpoint: Path) -> list[dict]:
+    state = torch.load(checkpoint / "optimizer.bin", map_location="cpu", weights_only=True)
+    return state["param_groups"]
+
+
+def test_a_resume_with_another_lr_and_schedule_trains_with_them(tmp_path, data, started, capsys):
+    out = copy_run(started, tmp_path)
+    before = logged(out)
+    train(capsys, data, out, "--max-steps", "8", "--save-every", "4", "--resume", str(out / "checkpoints/step-00000004"),
+          "--lr", "0.02", "--scheduler", "constant", "--weight-decay", "0.05", "--betas", "0.8,0.99")
+    after = logged(out)
+    assert [after[s]["lr"] for s in (1, 2, 3, 4)] == [before[s]["lr"] for s in (1, 2, 3, 4)]  # kept as they ran
+    assert [after[s]["lr"] for s in (5, 6, 7, 8)] == [pytest.approx(0.02)] * 4
+    # What the optimiser holds for the next step, not only what was logged.
+    groups = {g["name"]: g for g in saved_groups(out / "checkpoints/step-00000008")}
+    assert groups["decay"]["lr"] == pytest.approx(0.02) and groups["no_decay"]["lr"] == pytest.approx(0.02)
+    assert groups["decay"]["weight_decay"] == 0.05 and groups["no_decay"]["weight_decay"] == 0.0
+    assert tuple(groups["decay"]["betas"]) == (0.8, 0.99)
+
+
+def test_a_finished_run_extended_follows_the_longer_schedule(tmp_path, data, started, capsys):
+    out = copy_run(started, tmp_path)
+    text = train(capsys, data, out, "--max-steps", "10", "--save-every", "4", "--lr", "0.002", "--resume", "auto")
+    assert "already finished" not in text and "final val mIoU" in text
+    logs = logged(out)
+    for step in (9, 10):  # poly over 10 steps at the step: not the old schedule's 0 past its end
+        assert logs[step]["lr"] == pytest.approx(lr_at(step - 1, 0.002, "poly", total_steps=10)) and logs[step]["lr"] > 0
+    # Resubmitted as it is now, the extended run is finished.
+    assert "already finished at step 10" in train(capsys, data, out, "--max-steps", "10", "--lr", "0.002", "--resume", "auto")
+
+
+def test_a_resume_refuses_another_optimiser_and_a_schedule_behind_the_run(tmp_path, data, started, capsys):
+    out = copy_run(started, tmp_path)
+    config = (out / "config.yaml").read_text()
+    text = train(capsys, data, out, "--max-steps", "10", "--resume", "auto", "--optimizer", "sgd", code=1)
+    assert "optimizer: \"adamw\" when the run started, \"sgd\" now" in text and "--optimizer" in text
+    text = train(capsys, data, out, "--max-steps", "6", "--resume", "auto", code=1)
+    assert "the run is at step 8, past the --max-steps 6" in text and "Fix:" in text and "Traceback" not in text
+    assert (out / "config.yaml").read_text() == config and not list(out.glob("config.resumed-*"))
+
+
+def test_images_per_second_after_a_pending_evaluation_count_training_only(tmp_path, data, started, capsys, monkeypatch):
+    """The evaluation a stop cut short runs first on resume; a clock that jumps a day during it
+    must not show in the first window's images/s."""
+    import time
+
+    import unetseg.tracking
+    import unetseg.validation
+
+    out = copy_run(started, tmp_path)
+    state_file = out / "checkpoints/step-00000004/trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "pending_eval": True}))
+    offset = [0.0]
+    monkeypatch.setattr(unetseg.tracking.time, "perf_counter", lambda: time.monotonic() + offset[0])
+    real_call = unetseg.validation.Validation.__call__
+
+    def slow_evaluation(self):
+        result = real_call(self)
+        offset[0] += 86400.0
+        return result
+
+    monkeypatch.setattr(unetseg.validation.Validation, "__call__", slow_evaluation)
+    train(capsys, data, out, "--max-steps", "8", "--save-every", "4", "--lr", "0.002",
+          "--resume", str(out / "checkpoints/step-00000004"))
+    # A day in the window would give under 4 images / 86400 s; training alone gives far more.
+    assert logged(out)[5]["images_per_s"] > 1
