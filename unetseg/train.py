@@ -139,6 +139,27 @@ def build_model(config: TrainConfig, accelerator, data, total_steps: int) -> tup
     return net, model, forward, optimizer, scheduler
 
 
+def check_batch_norm(config: TrainConfig, net: torch.nn.Module, data, world: int) -> None:
+    """Refuse, before anything is written, a batch whose deepest feature map leaves batch
+    norm one value per channel: training would crash at its first step ("Expected more than
+    1 value per channel"). Each process normalises its own batch (all of them with sync_bn)."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        return
+    h, w = data.train_tf.resize or data.train_tf.crop
+    multiple = getattr(net, "pad_multiple", 1)  # the input is padded to it, then halved down to 1/multiple
+    deepest = -(-h // multiple), -(-w // multiple)
+    batch = config.data.batch_size * (world if config.run.sync_bn and world > 1 else 1)
+    if batch * deepest[0] * deepest[1] > 1:
+        return
+    size = "--resize" if config.data.resize else "--crop-size"
+    raise UnetsegError(
+        f"batch norm over a batch of {batch} image(s) of {h}x{w}: the model's deepest feature map is "
+        f"{deepest[0]}x{deepest[1]} (the input divided by {multiple}), one value per channel to normalise, and "
+        f"training would fail at its first step. Fix: --model-norm group (it needs no batch), a --batch-size of 2 "
+        f"or more, a {size} larger than {multiple} on a side, or a smaller --model-depth"
+    )
+
+
 def build_loss(config: TrainConfig, data, device) -> torch.nn.Module:
     """The loss; padding and ignored pixels carry ``classes.ignore_label``, also when the
     dataset has no ignore_index."""
@@ -171,6 +192,7 @@ def setup(config: TrainConfig) -> Run:
     data = open_train_data(config, accelerator)
     total_steps = rc.max_steps or rc.epochs * data.steps_per_epoch
     net, model, forward, optimizer, scheduler = build_model(config, accelerator, data, total_steps)
+    check_batch_norm(config, net, data, accelerator.num_processes)
     eval_every = rc.eval_every or data.steps_per_epoch
     setup_now = run_setup(config, accelerator.num_processes, data.train, net_options(config, data).to_dict())
     run = Run(config, accelerator, run_dir, resume_from, resumed or TrainerState(setup=setup_now), data, net, model, forward,

@@ -1,7 +1,8 @@
-"""What a resume may change, and that it trains with it: the lr, the schedule and its
-length, the optimiser's hyperparameters come from the resumed config at the resumed step;
-the optimiser's kind and a schedule shorter than the run so far are refused by name. Also:
-images/s after a resume that starts with a pending evaluation counts training only."""
+"""Training's hardening (issue 22). What a resume may change, and that it trains with it:
+the lr, the schedule and its length, the optimiser's hyperparameters come from the resumed
+config at the resumed step; the optimiser's kind and a schedule shorter than the run so far
+are refused by name. images/s after a resume that starts with a pending evaluation counts
+training only. Batch norm that would see one value per channel is refused at start."""
 
 from __future__ import annotations
 
@@ -129,3 +130,18 @@ def test_images_per_second_after_a_pending_evaluation_count_training_only(tmp_pa
           "--resume", str(out / "checkpoints/step-00000004"))
     # A day in the window would give under 4 images / 86400 s; training alone gives far more.
     assert logged(out)[5]["images_per_s"] > 1
+
+
+@pytest.mark.parametrize("extra", [["--batch-size", "1", "--crop-size", "4"],
+                                   ["--batch-size", "1", "--crop-size", "64", "--model-depth", "6"],
+                                   ["--batch-size", "1", "--resize", "3,4"]])
+def test_batch_norm_with_one_value_per_channel_is_refused_before_the_run_starts(tmp_path, data, capsys, extra):
+    out = tmp_path / "run"
+    text = train(capsys, data, out, "--max-steps", "2", *extra, code=1)
+    assert "one value per channel" in text and "--model-norm group" in text and "Traceback" not in text
+    assert not out.exists()
+
+
+def test_the_smallest_batch_norm_batch_that_works_is_accepted(tmp_path, data, capsys):
+    """Two values per channel at the bottleneck train: the check refuses only what would crash."""
+    train(capsys, data, tmp_path / "run", "--max-steps", "1", "--batch-size", "1", "--crop-size", "5,4")
