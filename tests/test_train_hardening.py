@@ -145,3 +145,16 @@ def test_batch_norm_with_one_value_per_channel_is_refused_before_the_run_starts(
 def test_the_smallest_batch_norm_batch_that_works_is_accepted(tmp_path, data, capsys):
     """Two values per channel at the bottleneck train: the check refuses only what would crash."""
     train(capsys, data, tmp_path / "run", "--max-steps", "1", "--batch-size", "1", "--crop-size", "5,4")
+
+
+def test_a_dataset_without_a_val_split_says_how_to_get_one(tmp_path, data, capsys):
+    import shutil
+
+    folder = tmp_path / "noval"
+    shutil.copytree(data, folder)
+    info = json.loads((folder / "dataset.json").read_text())
+    del info["splits"]["val"]
+    (folder / "dataset.json").write_text(json.dumps(info))
+    text = train(capsys, folder, tmp_path / "run", "--max-steps", "1", code=1)
+    assert "no 'val' split to validate on" in text and "--val-data" in text and "--val-fraction" in text
+    assert "pick one of those" not in text  # picking train would only fail on the next check
