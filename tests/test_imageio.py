@@ -74,3 +74,27 @@ def test_encode_png_refuses_values_that_would_wrap():
         encode_png(np.array([[0, 256]]))
     with pytest.raises(ValueError, match="0..255"):
         encode_png(np.array([[-1, 3]]))
+
+
+def test_encode_jpeg_refuses_values_that_would_wrap_as_png_does():
+    """A 16-bit pixel (40000) would wrap to 64 in a JPEG as it would in a PNG."""
+    with pytest.raises(ValueError, match="0..255"):
+        encode_jpeg(np.full((4, 4, 3), 40000, np.uint16), quality=95)
+    image = np.full((4, 4, 3), 200, np.int64)
+    assert np.abs(decode_image(encode_jpeg(image, quality=95)).astype(int) - 200).max() <= 2
+
+
+def test_wide_images_are_refused_with_what_they_hold():
+    """16-bit grayscale converts to white and 32-bit floats to black in Pillow's RGB
+    conversion: open_fully and to_rgb_array refuse them and say what they hold."""
+    from unetseg.imageio import BitDepthError
+
+    for array, holds in ((np.full((2, 3), 40000, np.uint16), "16 bits per channel (Pillow mode I;16)"),
+                         (np.full((2, 3), 0.5, np.float32), "floating-point values (Pillow mode F)")):
+        data = saved(Image.fromarray(array), "TIFF")
+        with pytest.raises(BitDepthError, match=holds.replace("(", r"\(").replace(")", r"\)")):
+            open_fully(data)
+        with pytest.raises(BitDepthError, match="Pillow mode"):
+            to_rgb_array(Image.fromarray(array))
+        with pytest.raises(DecodeError):  # a BitDepthError is a DecodeError: callers that skip those skip these
+            decode_image(data)

@@ -9,7 +9,10 @@ that is neither a class nor ``ignore_index``, ...) is collected and reported tog
 nothing is left at the output unless ``skip_invalid`` (see :func:`unetseg.shards.write_dataset`).
 
 Images are checked in their stored pixel order: EXIF orientation tags are not applied,
-because masks are drawn on the stored pixels.
+because masks are drawn on the stored pixels. Images and masks of more than 8 bits per
+channel (16-bit PNG or TIFF, 32-bit integer or float TIFF) are problems like the others:
+until 16 bits are supported end to end (issue 26), training would read them differently
+from evaluation and prediction (:mod:`unetseg.imageio`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from PIL import Image
 
 from unetseg.dataset import SPLIT_NAME, ClassInfo, DatasetInfo
 from unetseg.errors import Problem, UnetsegError
-from unetseg.imageio import KEPT_FORMATS, KEPT_MODES, DecodeError, encode_jpeg, encode_png, open_fully, to_rgb_array
+from unetseg.imageio import (
+    IMAGE_DEPTH_FIX, KEPT_FORMATS, KEPT_MODES, MASK_DEPTH_FIX, BitDepthError, DecodeError, encode_jpeg, encode_png,
+    open_fully, to_rgb_array,
+)
 from unetseg.shards import DEFAULT_SHARD_SIZE, EncodedSample, LoadResult, write_dataset
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
@@ -233,6 +239,9 @@ def load_pair(opts: PackOptions, pair: Pair) -> LoadResult:
             decoded[role] = (data, open_fully(data))
         except OSError as e:
             problems.append(Problem(path, f"cannot read the {role} ({e.strerror or e})", "check the file's permissions"))
+        except BitDepthError as e:
+            problems.append(Problem(path, f"the {role} holds {e}; unetseg packs 8-bit {role}s only",
+                                    IMAGE_DEPTH_FIX if role == "image" else MASK_DEPTH_FIX))
         except DecodeError as e:
             problems.append(Problem(path, f"unreadable or truncated {role} ({e})",
                                     f"re-export the {role}, or remove the pair"))

@@ -32,7 +32,6 @@ import numpy as np
 import unetseg
 from unetseg.dataset import DATASET_JSON, ClassInfo, DatasetInfo, SplitInfo
 from unetseg.errors import InputProblems, Problem, UnetsegError
-from unetseg.imageio import DecodeError, decode_image, decode_mask
 
 DEFAULT_SHARD_SIZE = 64
 IMAGE_EXTS = ("jpg", "png")
@@ -317,12 +316,13 @@ def shards_info_table(info: DatasetInfo, folder: str | os.PathLike) -> list:
 
 
 def verify_shards(folder: str | os.PathLike, progress: bool = True) -> list[str]:
-    """Decode every sample of a shard folder and check it against ``dataset.json``.
+    """Decode every sample of a shard folder as training does and check it against ``dataset.json``.
 
     Returns one message per problem (empty when all is well): a missing or truncated
-    shard, a sample count that differs, a sample without image or mask, an undecodable
-    image or mask, image and mask sizes that differ, a label id that is neither a class
-    nor ``ignore_index``, and pixel counts or sizes that differ from ``dataset.json``.
+    shard, a sample count that differs, a sample without image or mask, an image or mask
+    that does not decode or is not 8-bit, image and mask sizes that differ, a label id
+    that is neither a class nor ``ignore_index``, and pixel counts or sizes that differ
+    from ``dataset.json``.
     """
     folder = Path(folder)
     info = DatasetInfo.load(folder)
@@ -375,20 +375,16 @@ def verify_shards(folder: str | os.PathLike, progress: bool = True) -> list[str]
 
 
 def _check_sample(sample: dict[str, Any], valid: np.ndarray) -> str | tuple[np.ndarray, str]:
-    """Per-class pixel counts (ignore included) and ``"HxW"``, or what is wrong."""
-    image_ext = [e for e in IMAGE_EXTS if e in sample]
-    if len(image_ext) != 1 or MASK_EXT not in sample:
-        return f"expected one image ({'/'.join(IMAGE_EXTS)}) and a {MASK_EXT}, found {sorted(k for k in sample if k != '__key__')}"
+    """Per-class pixel counts (ignore included) and ``"HxW"``, or what is wrong. Decoded by
+    training's own :func:`~unetseg.stream.decode_pair`, so verify fails on every sample
+    training would skip (a 16-bit image that Pillow would read as 8-bit, for one)."""
+    from unetseg.stream import decode_pair  # imported here: torch is for verify, not for packing
+
     try:
-        image = decode_image(sample[image_ext[0]])
-    except DecodeError as e:
-        return f"image does not decode ({e})"
-    try:
-        mask = decode_mask(sample[MASK_EXT])
-    except DecodeError as e:
-        return f"mask does not decode ({e})"
-    if image.shape[:2] != mask.shape:
-        return f"image is {image.shape[0]}x{image.shape[1]} but mask is {mask.shape[0]}x{mask.shape[1]}"
+        _, mask = decode_pair(sample)
+    except ValueError as e:
+        return str(e)
+    mask = mask.numpy()
     counts = np.bincount(mask.ravel(), minlength=256)
     bad = np.flatnonzero((counts > 0) & ~valid)
     if bad.size:

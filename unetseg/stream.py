@@ -73,17 +73,28 @@ _MAX_EMPTY_SHARDS = 50
 # --- decoding and batching -------------------------------------------------------------
 
 
+def _decode(data: bytes, role: str, mode: ImageReadMode) -> torch.Tensor:
+    try:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{role} does not decode ({e})") from None
+
+
 def decode_pair(sample: dict[str, Any]) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
     """Decode a raw shard sample with ``torchvision.io`` (measured faster than Pillow for
-    both JPEG and PNG: docs/benchmarks.md). Raises ``ValueError`` on any problem."""
+    both JPEG and PNG: docs/benchmarks.md). Raises ``ValueError`` on any problem, a
+    16-bit image or mask included. Training, evaluation, ``shards verify`` and
+    ``shards preview`` all decode with this, so they agree on what a good sample is."""
     exts = [e for e in IMAGE_EXTS if e in sample]
     if len(exts) != 1 or MASK_EXT not in sample:
         raise ValueError(f"expected one image ({'/'.join(IMAGE_EXTS)}) and a {MASK_EXT}, found {sorted(sample)}")
-    try:
-        image = decode_image(torch.frombuffer(bytearray(sample[exts[0]]), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        mask = decode_image(torch.frombuffer(bytearray(sample[MASK_EXT]), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"does not decode ({e})") from None
+    image = _decode(sample[exts[0]], "image", ImageReadMode.RGB)
+    mask = _decode(sample[MASK_EXT], "mask", ImageReadMode.UNCHANGED)
+    if image.dtype != torch.uint8:
+        # A 16-bit PNG decodes as uint16, which the uint8 batches would wrap; pack refuses
+        # such images, so this one was written by something else.
+        raise ValueError(f"image is {image.dtype} (a 16-bit PNG?), expected 8 bits per channel; "
+                         "convert the images to 8 bits and pack them again")
     if mask.shape[0] != 1:
         raise ValueError(f"mask has {mask.shape[0]} channels, expected 1")
     if mask.dtype != torch.uint8:
@@ -107,10 +118,39 @@ def collate(images: list[torch.Tensor], masks: list[torch.Tensor], pad_label: in
     return image_batch, mask_batch
 
 
+# The tuple lengths seeds are drawn from (the epoch's shard order and train.py's process
+# seed: 3; the shuffle buffer: 5; augmentation and preview: 6). They reach SeedSequence as
+# they always did, one word per part, so a run resumed across versions keeps its streams.
+_KEPT_LENGTHS = (3, 5, 6)
+
+
+def _entropy(parts: tuple[int, ...]) -> list[int]:
+    """The 32-bit words SeedSequence hashes for ``parts``, distinct for distinct tuples.
+
+    The parts themselves would not do: SeedSequence pads fewer than 4 words with zeros, so
+    ``(a, b)``, ``(a, b, 0)`` and ``(a, b, 0, 0)`` would hash alike, and it splits a part of
+    32 bits or more into words, so ``(2**32,)`` would hash as ``(0, 1)``. So only a tuple of
+    a kept length with 32-bit parts goes as it is: 4 words once padded (length 3), 5 or 6.
+    Any other tuple is spelled out, each part as its word count then its words, padded
+    to 6 words and ended by the spelling's length: 7 words or more, which no kept tuple
+    has, and that spell one tuple only."""
+    values = [int(p) for p in parts]
+    if any(v < 0 for v in values):
+        raise ValueError(f"derive_seed{tuple(values)}: parts must be non-negative")
+    if len(values) in _KEPT_LENGTHS and all(v < 2**32 for v in values):
+        return values
+    spelled: list[int] = []
+    for v in values:
+        words = [(v >> shift) & 0xFFFFFFFF for shift in range(0, max(v.bit_length(), 1), 32)]
+        spelled += [len(words), *words]
+    return spelled + [0] * (max(_KEPT_LENGTHS) - len(spelled)) + [len(spelled)]
+
+
 def derive_seed(*parts: int) -> int:
-    """A 32-bit seed from a tuple of integers (``numpy.random.SeedSequence``): distinct
-    tuples give unrelated streams."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+    """A 32-bit seed from a tuple of non-negative integers (``numpy.random.SeedSequence``
+    over :func:`_entropy`): distinct tuples give unrelated streams, ``(a, b)`` and
+    ``(a, b, 0)`` included."""
+    return int(np.random.SeedSequence(_entropy(parts)).generate_state(1)[0])
 
 
 def _read(urls: list[str], counts: list[int] | None, bad: BadLog, order: Iterator[int]) -> Iterator[dict[str, Any]]:
