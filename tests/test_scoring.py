@@ -102,3 +102,28 @@ def test_fixed_shape_keeps_channels_last_for_a_short_batch():
             x = torch.randn(n, 3, 30, 40).contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(fixed(x), per_pixel(x))
     assert counter.frame_count == 1
+
+
+class Recorder(nn.Module):
+    """A per-pixel model that records the size of every input it is fed."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.sizes = nn.Conv2d(3, 4, 1), []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(tuple(x.shape[-2:]))
+        return self.conv(x)
+
+
+def test_multiscale_tta_keeps_a_side_that_would_scale_to_nothing():
+    """A 1-pixel-high image at scale 0.75 stays 1 pixel high (interpolate's floor gave 0:
+    a RuntimeError); each side is scaled to max(1, round(side * scale))."""
+    model = Recorder()
+    x = torch.randn(2, 3, 1, 5)
+    with torch.no_grad():
+        probs = TTA(model, "multiscale")(x)
+    assert probs.shape == (2, 4, 1, 5)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, 1, 5))
+    assert sorted(set(model.sizes)) == [(1, 4), (1, 5), (1, 6)]  # 0.75 -> 1x4, 1 -> 1x5, 1.25 -> 1x6 (each flipped too)
+    assert len(model.sizes) == 6

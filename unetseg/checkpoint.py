@@ -15,6 +15,12 @@ training config, whose ``model`` section names the registered model and holds it
 options, ``num_classes`` included) and ``dataset.json``: everything evaluate, predict and
 export need to rebuild it, no training state, nothing unpickled on load. Models saved
 before the registry recorded a U-Net under ``unet``; they still load.
+
+A training checkpoint loads as a model too (evaluate, predict and export accept
+``RUN/checkpoints/step-N``): its weights are the trained module's (deep supervision's heads
+and a DDP prefix are dropped), its model options those its ``trainer_state.json`` records,
+and its config and dataset.json come from the run dir, the config being the one the
+session that reached that step was started (or resumed) with.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 _NAME = re.compile(r"^step-(\d{8})$")
+_RESUMED = re.compile(r"^config\.resumed-step-(\d+)\.yaml$")
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
@@ -220,26 +227,111 @@ def save_model(folder: str | os.PathLike, model: torch.nn.Module, config: dict[s
 
 
 def model_folder(path: str | os.PathLike) -> Path:
-    """A saved-model folder: ``path`` itself, or ``path/best`` (then ``path/final``) for a run dir."""
+    """The folder to load a model from: ``path`` itself (a saved model, or a training
+    checkpoint ``RUN/checkpoints/step-N``), or ``path/best`` (then ``path/final``) for a run dir."""
     path = Path(path)
+    if (path / STATE_FILE).is_file() and not (path / WEIGHTS_FILE).is_file():
+        raise UnetsegError(
+            f"{path}: a training checkpoint without {WEIGHTS_FILE} (its model was saved in another format). "
+            f"Fix: use the run's best/ or final/ folder ({path.parent.parent / 'best'})"
+        )
     for candidate in (path, path / "best", path / "final"):
         if (candidate / WEIGHTS_FILE).is_file():
             return candidate
+    also = " or one of its checkpoints/step-NNNNNNNN folders" if list_checkpoints(path) else ""
     raise UnetsegError(
         f"{path}: no {WEIGHTS_FILE} here or in best/ or final/. Fix: pass a run dir written by "
-        "`unetseg train`, or its best/ or final/ folder"
+        f"`unetseg train`, or its best/ or final/ folder{also}"
     )
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any], DatasetInfo]:
-    """The model saved at ``path`` (see :func:`model_folder`), rebuilt from the registry by
-    the name and options its config.yaml records, its config and dataset description."""
+    """The model at ``path`` (see :func:`model_folder`), rebuilt from the registry by the
+    name and options it was trained with, its config (whose ``model`` section holds those
+    options, as a saved model's does) and dataset description. A training checkpoint's
+    config and dataset.json are its run dir's (:func:`checkpoint_parts`)."""
     from safetensors.torch import load_file
 
     from unetseg.models import build_model, saved_model_options
 
     folder = model_folder(path)
-    config = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    model = build_model(saved_model_options(config))
-    model.load_state_dict(load_file(folder / WEIGHTS_FILE, device=str(map_location)))
-    return model, config, DatasetInfo.load(folder)
+    if (folder / STATE_FILE).is_file():
+        config, info, options, weights = checkpoint_parts(folder, map_location)
+    else:
+        config = _saved_config(folder)
+        info, options = DatasetInfo.load(folder), saved_model_options(config)
+        weights = load_file(folder / WEIGHTS_FILE, device=str(map_location))
+    model = build_model(options)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UnetsegError(
+            f"{folder / WEIGHTS_FILE}: the weights do not fit the model its config records "
+            f"({str(e).splitlines()[0]}). Fix: use a best/ or final/ folder written by `unetseg train`"
+        ) from None
+    return model, config, info
+
+
+def _saved_config(folder: Path) -> dict[str, Any]:
+    """A saved model's ``config.yaml``; a folder with weights and none is no saved model
+    (an interrupted checkpoint's ``step-N.tmp``, say)."""
+    if not (folder / CONFIG_FILE).is_file():
+        raise UnetsegError(
+            f"{folder}: {WEIGHTS_FILE} without a {CONFIG_FILE}: neither a saved model nor a complete training "
+            f"checkpoint. Fix: pass a run dir, its best/ or final/ folder, or a complete {CHECKPOINTS}/step-NNNNNNNN folder"
+        )
+    return yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+
+
+def checkpoint_parts(folder: Path, map_location) -> tuple[dict[str, Any], DatasetInfo, Any, dict[str, torch.Tensor]]:
+    """What :func:`load_model` needs from a training checkpoint: the config it was trained
+    with (its ``model`` section: the options the checkpoint records), the run dir's
+    dataset.json, the model options, and the plain model's weights."""
+    from safetensors.torch import load_file
+
+    from unetseg.models import saved_model_options
+
+    run_dir = folder.parent.parent
+    if not ((run_dir / CONFIG_FILE).is_file() and (run_dir / DATASET_JSON).is_file()):
+        raise UnetsegError(
+            f"{folder}: a training checkpoint, whose {CONFIG_FILE} and {DATASET_JSON} are its run dir's, but "
+            f"{run_dir} has no {CONFIG_FILE} or {DATASET_JSON} (was the checkpoint moved out of RUN/{CHECKPOINTS}/?). "
+            "Fix: put it back under its run dir's checkpoints/, or use the run's best/ or final/ folder"
+        )
+    state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    setup = state.get("setup") or {}
+    config = yaml.safe_load(trained_with(run_dir, int(state.get("step", 0))).read_text(encoding="utf-8"))
+    info = DatasetInfo.load(run_dir)
+    if isinstance(setup.get("model"), dict):  # the options as built, num_classes included
+        options = saved_model_options({"model": setup["model"]})
+    else:  # checkpoints of older versions record no setup: the config's, with the data's classes
+        options = saved_model_options(config).model_copy(update={"num_classes": info.num_classes})
+    weights = net_weights(load_file(folder / WEIGHTS_FILE, device=str(map_location)))
+    return {**config, "model": options.to_dict()}, info, options, weights
+
+
+def trained_with(run_dir: Path, step: int) -> Path:
+    """The config of the session that trained up to ``step``: the last start before it
+    (``sessions.jsonl``) wrote ``config.resumed-step-S.yaml`` when it was resumed with
+    other options, else it ran with ``config.yaml``."""
+    from unetseg.runstate import read_jsonl
+
+    resumed = {int(m.group(1)): p for p in run_dir.glob("config.resumed-step-*.yaml")
+               if (m := _RESUMED.match(p.name))}
+    try:
+        starts = [int(r["step"]) for r in read_jsonl(run_dir / "sessions.jsonl") if r.get("event") == "start"]
+    except (ValueError, KeyError, TypeError, OSError):  # a line cut short by a crash: the files alone
+        starts = []
+    starts = starts or list(resumed)
+    before = [s for s in starts if s < step]
+    return resumed.get(max(before), run_dir / CONFIG_FILE) if before else run_dir / CONFIG_FILE
+
+
+def net_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain model's weights from what Accelerate saved of the trained module: without
+    DDP's ``module.`` prefix, and without deep supervision's wrapper (``net.``) and heads."""
+    if weights and all(k.startswith("module.") for k in weights):
+        weights = {k[len("module."):]: v for k, v in weights.items()}
+    if any(k.startswith("heads.") for k in weights) and any(k.startswith("net.") for k in weights):
+        weights = {k[len("net."):]: v for k, v in weights.items() if k.startswith("net.")}
+    return weights

@@ -195,8 +195,9 @@ def export(
     width: int | None = None,
     opset: int = DEFAULT_OPSET,
 ) -> ExportReport:
-    """Export the model saved at ``model_path`` (a run dir, or its best/ or final/ folder)
-    to ``out`` as ``format`` ("onnx" or "torchscript"); see the module docstring.
+    """Export the model saved at ``model_path`` (a run dir, its best/ or final/ folder, or a
+    training checkpoint ``checkpoints/step-N``) to ``out`` as ``format`` ("onnx" or
+    "torchscript"); see the module docstring.
     ``height`` and ``width`` (both or neither) set the example input size."""
     from unetseg.checkpoint import load_model
     from unetseg.models import saved_model_options

@@ -22,19 +22,26 @@ from unetseg.errors import UnetsegError
 
 
 def _samples(source, n: int):
-    from unetseg.shards import iter_shard
+    """The first ``n`` (key, image, mask) of the split. A sample that does not decode, or a
+    shard that cannot be read up to the ``n``-th, stops the preview with the shard's name:
+    a grid that quietly left samples out would hide the packing problem it is there to show."""
+    from unetseg.shards import ShardReadError, iter_shard
     from unetseg.stream import decode_pair
 
     for url in source.urls:
-        for sample in iter_shard(url):
-            if n <= 0:
-                return
-            try:
-                image, mask = decode_pair(sample)
-            except ValueError as e:
-                raise UnetsegError(f"{url} sample {sample['__key__']!r}: {e}. Fix: run `unetseg shards verify`") from None
-            n -= 1
-            yield sample["__key__"], image, mask
+        try:
+            for sample in iter_shard(url):
+                try:
+                    image, mask = decode_pair(sample)
+                except ValueError as e:
+                    raise UnetsegError(f"{url} sample {sample['__key__']!r}: {e}. Fix: run `unetseg shards verify`") from None
+                yield sample["__key__"], image, mask
+                n -= 1
+                if n == 0:  # before reading on: a shard cut after the last sample shown is no concern here
+                    return
+        except ShardReadError as e:
+            raise UnetsegError(f"{e}. Fix: run `unetseg shards verify` on the shard folder and re-pack the shards "
+                               "it names, or preview fewer samples (--n) or another --split") from None
 
 
 def _augment(config, source, pairs):
@@ -50,6 +57,16 @@ def _augment(config, source, pairs):
         x, m = tf(image, mask, random.Random(derive_seed(config.run.seed, 0, 0, i, 0, 1)))
         pixels = ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
         yield key, pixels, m
+
+
+def grid_inches(rows: int, cols: int, aspect: float, tile: float = 3.2, most: float = 32.0) -> tuple[float, float]:
+    """The grid's figure size: ``tile``-inch-wide tiles (plus a title line each), shrunk
+    so that neither side passes ``most`` inches. Uncapped, a long ``--n`` or images far
+    taller than wide (1024x16 gave a 1280 x 41020 px PNG) grew the PNG without bound; the
+    tile's shape is kept within 1:8..8:1 (imshow letterboxes the image inside it)."""
+    width, height = tile * cols, (tile * min(8.0, max(0.125, aspect)) + 0.3) * rows
+    shrink = min(1.0, most / max(width, height))
+    return width * shrink, height * shrink
 
 
 def preview(folder: str | os.PathLike, out: str | os.PathLike, split: str = "train", n: int = 16,
@@ -80,7 +97,7 @@ def preview(folder: str | os.PathLike, out: str | os.PathLike, split: str = "tra
     cols = min(4, len(pairs))
     rows = -(-len(pairs) // cols)
     height, width = pairs[0][1].shape[-2:]
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows * height / width + 0.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=grid_inches(rows, cols, height / width), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (key, image, mask) in zip(axes.flat, pairs):

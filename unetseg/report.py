@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,29 @@ def figure(png: bytes, caption: str, alt: str) -> str:
 
 
 # --- what the run left on disk -------------------------------------------------------------
+
+
+def records(page: Page, path: Path) -> list[dict]:
+    """The records of one of the run's ``.jsonl`` files. A line that is no JSON object (the
+    last one cut short when the run was killed mid-write) is left out and named."""
+    if not path.is_file():
+        return []
+    kept, bad = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            kept.append(record)
+        else:
+            bad += 1
+    if bad:
+        page.missing.append(f"{path}: {bad} line(s) are not JSON records (cut short when the run was killed?) and "
+                            "are left out of this report.")
+    return kept
 
 
 def sessions_section(page: Page, run_dir: Path, sessions: list[dict], evals: list[dict]) -> None:
@@ -207,8 +231,9 @@ def image_miou(pred, target, num_classes: int, ignore_index: int | None = None) 
 
 
 def score_images(model_dir: Path, source, classes, eval_resize, batch_size: int, num_workers: int, keep: int):
-    """The model's metrics on the split, the number of images scored, and the ``keep``
-    worst and best images by per-image mIoU."""
+    """The model's metrics on the split, the number of images scored, the ``keep`` worst
+    and best images by per-image mIoU, and the stream's record of the samples it could not
+    read (left out of the score, for the page to name)."""
     import torch
 
     from unetseg.badsamples import StreamStats
@@ -236,24 +261,28 @@ def score_images(model_dir: Path, source, classes, eval_resize, batch_size: int,
             kept.sort(key=lambda s: s.miou, reverse=reverse)
             del kept[keep:]
 
+    stats = StreamStats(None)
     stream = EvalStream(source, EvalTransform(EvalTransformConfig(resize=eval_resize)), batch_size, max_bad_samples=None)
-    cm, _ = confusion_matrix(model.to(device).eval(), iterate(make_loader(stream, num_workers), StreamStats(None)),
+    cm, _ = confusion_matrix(model.to(device).eval(), iterate(make_loader(stream, num_workers), stats),
                              classes.num_classes, ignore, classes.names, device, each=each)
-    return cm.compute(), scored[0], worst, best
+    return cm.compute(), scored[0], worst, best, stats
 
 
 def gallery_rows(items: list[Scored], source, classes) -> list[str]:
     """One JPEG row per image: image | ground truth | prediction | errors (wrong pixels red)."""
     from unetseg.imageio import encode_jpeg
-    from unetseg.shards import iter_shard
+    from unetseg.shards import ShardReadError, iter_shard
     from unetseg.stream import decode_pair
 
     wanted = {s.key for s in items}
     images: dict[str, np.ndarray] = {}
     for url in source.urls:
-        for sample in iter_shard(url):
-            if sample["__key__"] in wanted:
-                images[sample["__key__"]] = decode_pair(sample)[0].permute(1, 2, 0).numpy()
+        try:
+            for sample in iter_shard(url):
+                if sample["__key__"] in wanted:
+                    images[sample["__key__"]] = decode_pair(sample)[0].permute(1, 2, 0).numpy()
+        except ShardReadError:  # its unreadable part was scored by no one: named by report() already
+            pass
         if len(images) == len(wanted):
             break
     lut = classes.palette_lut()
@@ -269,15 +298,29 @@ def gallery_rows(items: list[Scored], source, classes) -> list[str]:
         errors[~counted] = (0, 0, 0)
         gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
         strip = np.concatenate([image, gap, lut[s.target], gap, lut[s.pred], gap, errors], axis=1)
-        if image.shape[1] >= 320:
-            strip = strip[:: round(image.shape[1] / 320), :: round(image.shape[1] / 320)]  # keep the page small
-        else:  # small images, enlarged by whole pixels to be seen
-            zoom = -(-160 // image.shape[1])
+        height, width = image.shape[:2]
+        if width >= 320 or height >= 480:  # keep the page small, also for images far taller than wide
+            step = max(1, round(width / 320), -(-height // 480))
+            strip = strip[::step, ::step]
+        else:  # small images, enlarged by whole pixels to be seen (no taller than 480 pixels)
+            zoom = max(1, min(-(-160 // width), 480 // height))
             strip = strip.repeat(zoom, axis=0).repeat(zoom, axis=1)
         rows.append(f'<figure><img src="{data_uri(encode_jpeg(strip, 88), "image/jpeg")}" '
                     f'alt="{esc(s.key)}"><figcaption><code>{esc(s.key)}</code>: image mIoU <b>{pct(s.miou)}</b>, '
                     f"{100 * wrong.sum() / max(1, counted.sum()):.1f}% of the counted pixels wrong</figcaption></figure>")
     return rows
+
+
+def note_unread(page: Page, stats, split: str, data: str) -> None:
+    """Name the samples of the split the report could not read (a truncated shard, an
+    image that does not decode): the scores and the gallery are over the rest."""
+    problems = stats.problems()
+    if not problems:
+        return
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    page.missing.append(f"{stats.bad_samples} samples of split {split!r} of {data} could not be read and are left out "
+                        f"of the table, the matrix and the gallery: {shown}. Fix: run `unetseg shards verify` on the "
+                        "shard folder and re-pack the shards it names.")
 
 
 # --- the page --------------------------------------------------------------------------------
@@ -306,7 +349,6 @@ def report(run_dir: str | os.PathLike, data: str | None = None, split: str = "va
     from unetseg.dataset import DatasetInfo
     from unetseg.evaluate import check_classes
     from unetseg.metrics import ConfusionMatrix
-    from unetseg.runstate import read_jsonl
 
     run_dir = Path(run_dir)
     if not ((run_dir / "config.yaml").is_file() or (run_dir / "metrics.jsonl").is_file()):
@@ -317,12 +359,12 @@ def report(run_dir: str | os.PathLike, data: str | None = None, split: str = "va
                            "use a gallery of 0 or more, a batch size of 1 or more and 0 or more workers")
     out = Path(out) if out else run_dir / "report.html"
     page = Page(f"unetseg report: {run_dir.name}")
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    rows = records(page, run_dir / "metrics.jsonl")
     evals = [r for r in rows if r.get("mIoU") is not None]
     config = TrainConfig.load(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     info = DatasetInfo.load(run_dir) if (run_dir / "dataset.json").is_file() else None
 
-    sessions_section(page, run_dir, read_jsonl(run_dir / "sessions.jsonl"), evals)
+    sessions_section(page, run_dir, records(page, run_dir / "sessions.jsonl"), evals)
     curves = curves_png(rows)
     if curves is None:
         page.missing.append(f"{run_dir}/metrics.jsonl has no logged step yet: no training curves.")
@@ -346,8 +388,9 @@ def report(run_dir: str | os.PathLike, data: str | None = None, split: str = "va
             if info is not None:
                 check_classes(info.classes, source.info.classes, str(model_dir), data_used)
             eval_resize = config.data.eval_resize if config is not None else None
-            result, count, worst, best = score_images(model_dir, source, source.info.classes, eval_resize, batch_size,
-                                                      num_workers, gallery)
+            result, count, worst, best, stats = score_images(model_dir, source, source.info.classes, eval_resize,
+                                                             batch_size, num_workers, gallery)
+            note_unread(page, stats, split, data_used)
             where = (f"<code>{esc(model_dir)}</code> on split <code>{esc(split)}</code> of <code>{esc(data_used)}</code>"
                      f" ({count} images scored by this report)")
         except UnetsegError as e:
@@ -368,7 +411,7 @@ def report(run_dir: str | os.PathLike, data: str | None = None, split: str = "va
                  "<p>image | ground truth | prediction | errors (wrong pixels red, ignored black)</p>"
                  + "".join(gallery_rows(worst, source, source.info.classes)))
         page.add(f"Best {len(best)} images of {split}", "".join(gallery_rows(best, source, source.info.classes)))
-    evaluations_section(page, read_jsonl(run_dir / "evaluations.jsonl"))
+    evaluations_section(page, records(page, run_dir / "evaluations.jsonl"))
     page.add("Config", f"<pre>{esc((run_dir / 'config.yaml').read_text(encoding='utf-8'))}</pre>" if config else
              "<p>No config.yaml.</p>")
     if config is None:

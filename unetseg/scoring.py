@@ -45,7 +45,8 @@ class TTA(nn.Module):
         scales = MULTISCALE if self.mode == "multiscale" else (1.0,)
         total = None
         for scale in scales:
-            xs = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+            xs = x if scale == 1.0 else F.interpolate(x, size=scaled_size(size, scale), mode="bilinear",
+                                                      align_corners=False)
             for flip in (False, True):
                 inp = xs.flip(-1) if flip else xs
                 logits = self.model(inp).float()
@@ -55,6 +56,12 @@ class TTA(nn.Module):
                 probs = logits.softmax(1)
                 total = probs if total is None else total + probs
         return total / (2 * len(scales))
+
+
+def scaled_size(size, scale: float) -> tuple[int, int]:
+    """(H, W) times ``scale``, each at least one pixel: a side that would scale to nothing
+    (a 1-pixel-high image at 0.75) stays one pixel, as the training augmentation sizes it."""
+    return tuple(max(1, round(side * scale)) for side in size)
 
 
 class FixedShape(nn.Module):
