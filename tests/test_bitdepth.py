@@ -238,7 +238,7 @@ def test_predict_refuses_wide_inputs_and_segments_the_others(tmp_path):
     report = predict(make_model(tmp_path), [folder], tmp_path / "out", progress=False)
     assert report.num_written == 1 and report.num_failed == 3
     for failure in report.failures:
-        assert "16 bits per channel" in failure.what, failure
+        assert "16 bits per channel" in failure.what and "convert it to 8 bits" in failure.fix, failure
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png", "good_color.png"]
     from unetseg.imageio import BitDepthError
 

@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from unetseg.errors import Problem, UnetsegError
-from unetseg.imageio import DecodeError, encode_png, open_fully, to_rgb_array
+from unetseg.imageio import IMAGE_DEPTH_FIX, BitDepthError, DecodeError, encode_png, open_fully, to_rgb_array
 from unetseg.predict_inputs import check_out_dir, collect_inputs, output_paths, output_stems
 
 _EXIF_ORIENTATION = 0x0112
@@ -259,6 +259,9 @@ def _load_batches(writer: _Writer, chunk: list[int]) -> list[list[tuple[int, np.
     for i in chunk:
         try:
             image = load_image(writer.paths[i])
+        except BitDepthError as e:
+            writer.fail(i, f"the image holds {e}; predict reads 8-bit images only", IMAGE_DEPTH_FIX)
+            continue
         except DecodeError as e:  # its message starts with the Pillow error type
             writer.fail(i, f"unreadable image ({e})")
             continue
@@ -303,7 +306,8 @@ def predict(
     compile: str = "off",
 ) -> PredictReport:
     """Segment every image named by ``inputs`` with the model saved at ``model_path`` (a
-    run dir, or its best/ or final/ folder) into ``out_dir``; see the module docstring.
+    run dir, its best/ or final/ folder, or a training checkpoint ``checkpoints/step-N``)
+    into ``out_dir``; see the module docstring.
 
     ``device``: a torch device string; default ``cuda`` when available, else ``cpu``.
     ``progress``: a rich progress bar on stderr. ``compile``: ``off|on|auto``, torch.compile
