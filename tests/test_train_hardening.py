@@ -158,3 +158,11 @@ def test_a_dataset_without_a_val_split_says_how_to_get_one(tmp_path, data, capsy
     text = train(capsys, folder, tmp_path / "run", "--max-steps", "1", code=1)
     assert "no 'val' split to validate on" in text and "--val-data" in text and "--val-fraction" in text
     assert "pick one of those" not in text  # picking train would only fail on the next check
+
+
+def test_a_resume_reads_past_a_metrics_line_cut_short_by_a_crash(tmp_path, data, started, capsys):
+    out = copy_run(started, tmp_path)
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 9, "lo')  # killed mid-write
+    train(capsys, data, out, "--max-steps", "10", "--lr", "0.002", "--resume", "auto")
+    assert sorted(logged(out)) == list(range(1, 11))

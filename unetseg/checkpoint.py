@@ -318,11 +318,8 @@ def trained_with(run_dir: Path, step: int) -> Path:
 
     resumed = {int(m.group(1)): p for p in run_dir.glob("config.resumed-step-*.yaml")
                if (m := _RESUMED.match(p.name))}
-    try:
-        starts = [int(r["step"]) for r in read_jsonl(run_dir / "sessions.jsonl") if r.get("event") == "start"]
-    except (ValueError, KeyError, TypeError, OSError):  # a line cut short by a crash: the files alone
-        starts = []
-    starts = starts or list(resumed)
+    starts = [r["step"] for r in read_jsonl(run_dir / "sessions.jsonl")
+              if r.get("event") == "start" and isinstance(r.get("step"), int)] or list(resumed)
     before = [s for s in starts if s < step]
     return resumed.get(max(before), run_dir / CONFIG_FILE) if before else run_dir / CONFIG_FILE
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from unetseg.errors import UnetsegError
+from unetseg.runstate import jsonl_records
 from unetseg.tracking import pct
 
 STYLE = """
@@ -88,20 +89,7 @@ def figure(png: bytes, caption: str, alt: str) -> str:
 def records(page: Page, path: Path) -> list[dict]:
     """The records of one of the run's ``.jsonl`` files. A line that is no JSON object (the
     last one cut short when the run was killed mid-write) is left out and named."""
-    if not path.is_file():
-        return []
-    kept, bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            kept.append(record)
-        else:
-            bad += 1
+    kept, bad = jsonl_records(path)
     if bad:
         page.missing.append(f"{path}: {bad} line(s) are not JSON records (cut short when the run was killed?) and "
                             "are left out of this report.")

@@ -183,9 +183,29 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of one of the run's ``.jsonl`` files (see :func:`jsonl_records`)."""
+    return jsonl_records(path)[0]
+
+
+def jsonl_records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The JSON-object lines of ``path`` (none when it is missing) and how many other
+    lines were left out: a run killed mid-write leaves its last line cut short, and a
+    resume or the report must read past it, not stop on it."""
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [], 0
+    records, bad = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad += 1
+    return records, bad
 
 
 def truncate_metrics(path: Path, step: int, pending_eval: bool = False) -> None:
