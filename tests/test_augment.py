@@ -74,7 +74,7 @@ def test_the_crop_is_taken_before_the_resize():
 def test_scaling_never_invents_labels():
     image, mask = coordinate_pair(num_classes=4)
     mask[:5] = IGNORE
-    t = TrainTransform(TrainTransformConfig(crop_size=48, scale_range=(0.3, 2.5), jitter=0.4, hue=0.1), IGNORE)
+    t = TrainTransform(TrainTransformConfig(crop_size=48, scale_range=(0.3, 2.5), jitter=0.4), IGNORE)
     for seed in range(15):
         out_image, out_mask = t(image, mask, random.Random(seed))
         assert out_image.shape == (3, 48, 48) and out_image.dtype == torch.float32
@@ -94,7 +94,7 @@ def test_resize_instead_of_crop():
 
 def test_colour_jitter_stays_in_range_and_leaves_padding_at_the_mean():
     image, mask = coordinate_pair()
-    t = TrainTransform(TrainTransformConfig(crop_size=64, scale_range=(1.0, 1.0), jitter=0.5, hue=0.2), IGNORE)
+    t = TrainTransform(TrainTransformConfig(crop_size=64, scale_range=(1.0, 1.0), jitter=0.5), IGNORE)
     mean, std = torch.tensor(t.config.mean).view(3, 1, 1), torch.tensor(t.config.std).view(3, 1, 1)
     changed = 0
     for seed in range(6):
@@ -117,7 +117,7 @@ def test_parameters_depend_only_on_the_random_source():
 def test_worker_and_device_paths_agree_on_a_batch_of_mixed_sizes():
     """The device path gets the decoded samples collated (padded to the largest) and must
     give what the workers give from the separate samples."""
-    t = TrainTransform(TrainTransformConfig(crop_size=(20, 24), scale_range=(0.4, 1.8), jitter=0.4, hue=0.05), IGNORE)
+    t = TrainTransform(TrainTransformConfig(crop_size=(20, 24), scale_range=(0.4, 1.8), jitter=0.4), IGNORE)
     pairs = [coordinate_pair(h, w) for h, w in ((40, 50), (18, 30), (33, 21), (40, 50))]
     images, masks = [i.as_subclass(torch.Tensor) for i, _ in pairs], [m.as_subclass(torch.Tensor) for _, m in pairs]
     rng = random.Random(0)
@@ -164,7 +164,6 @@ def test_augment_on_auto_is_the_device_for_a_gpu_only():
     (TrainTransformConfig(scale_range=(2.0, 1.0)), "scale range"),
     (TrainTransformConfig(crop_size=0), "crop size"),
     (TrainTransformConfig(jitter=-1), "jitter"),
-    (TrainTransformConfig(hue=0.7), "hue"),
 ])
 def test_bad_options_name_the_value(config, message):
     with pytest.raises(UnetsegError, match=message):
@@ -179,3 +178,13 @@ def test_tiny_images_and_one_pixel_outputs_augment():
     out_image, out_mask = t(image, mask, random.Random(0))
     assert out_image.shape == (3, 4, 4) and (out_mask != IGNORE).sum() == 1
     assert torch.isfinite(out_image).all()
+
+
+def test_padding_carries_the_pad_label_it_is_given():
+    """The pad label is the caller's ClassInfo.ignore_label; TrainTransform does not redo that rule."""
+    image, mask = coordinate_pair(8, 8, num_classes=4)
+    t = TrainTransform(TrainTransformConfig(crop_size=16, scale_range=(1.0, 1.0)), 9)
+    _, out_mask = t(image, mask, random.Random(0))
+    assert (out_mask == 9).sum() == 16 * 16 - 8 * 8
+    with pytest.raises(TypeError, match="ignore_label"):
+        TrainTransform(TrainTransformConfig(), None)

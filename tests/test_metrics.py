@@ -7,7 +7,6 @@ processes started by torchrun and accelerate launch.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import sys
@@ -323,44 +322,6 @@ def test_num_samples_counts_batch_and_single_samples():
     cm.update(torch.zeros(0, 2, 2, dtype=torch.long), torch.zeros(0, 2, 2, dtype=torch.long))
     assert cm.num_samples == 5
     assert cm.matrix[0, 0].item() == 20
-
-
-def test_reset():
-    cm = ConfusionMatrix(3)
-    cm.update(torch.tensor([[0, 1, 2]]), torch.tensor([[0, 1, 1]]))
-    reduced = cm.reduce()
-    for obj in (cm, reduced):
-        obj.reset()
-        assert obj.matrix.tolist() == [[0] * 3] * 3 and obj.num_samples == 0 and not obj.reduced
-        assert math.isnan(obj.compute().miou)
-        obj.update(torch.tensor([[2]]), torch.tensor([[2]]))  # usable again, also after reduce()
-        assert obj.matrix[2, 2].item() == 1 and obj.num_samples == 1
-
-
-def test_state_dict_round_trip():
-    generator = torch.Generator().manual_seed(3)
-    pred, target = random_batch(generator, (4, 9, 9), 6, 255)
-    cm = ConfusionMatrix(6, ignore_index=255)
-    cm.update(pred[:2], target[:2])
-    buffer = io.BytesIO()
-    torch.save(cm.state_dict(), buffer)
-    buffer.seek(0)
-    resumed = ConfusionMatrix(6, ignore_index=255)
-    resumed.load_state_dict(torch.load(buffer))
-    assert resumed.matrix.tolist() == cm.matrix.tolist() and resumed.num_samples == 2
-    cm.update(pred[2:], target[2:])
-    resumed.update(pred[2:], target[2:])
-    assert resumed.matrix.tolist() == cm.matrix.tolist()
-    assert resumed.matrix.tolist() == reference_matrix(pred, target, 6, 255).tolist()
-    assert resumed.compute().to_dict() == cm.compute().to_dict()
-
-    state = cm.state_dict()
-    cm.update(pred, target)  # the saved state is a copy, not a view of the live matrix
-    assert not torch.equal(state["matrix"], cm.matrix)
-    with pytest.raises(ValueError, match="num_classes=6.*num_classes=5"):
-        ConfusionMatrix(5, ignore_index=255).load_state_dict(state)
-    with pytest.raises(ValueError, match="ignore_index=255.*ignore_index=None"):
-        ConfusionMatrix(6).load_state_dict(state)
 
 
 def test_table_and_str():

@@ -20,7 +20,6 @@ from unetseg.optim import (
     LRSchedule,
     build_optimizer,
     build_scheduler,
-    count_optimizer_steps,
     lr_at,
     lr_factor,
     param_groups,
@@ -40,7 +39,7 @@ def tiny_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
 
 
-def reference_factor(step: int, name: str, total: int, warmup: int, power=0.9, low=0.0, half=None) -> float:
+def reference_factor(step: int, name: str, total: int, warmup: int, power=0.9, low=0.0) -> float:
     """The schedules written out again, independently of unetseg.optim, from the module doc."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
@@ -48,7 +47,7 @@ def reference_factor(step: int, name: str, total: int, warmup: int, power=0.9, l
         return 1.0
     t = step - warmup
     if name == "cyclic":
-        half = half or max(1, (total - warmup) // 4)
+        half = max(1, (total - warmup) // 4)
         phase = t % (2 * half)
         down = phase if phase <= half else 2 * half - phase
         return 1.0 - (1.0 - low) * down / half
@@ -84,7 +83,6 @@ def run_schedule(steps: int, **kwargs) -> list[float]:
         {"name": "cosine", "min_lr_ratio": 0.05},
         {"name": "onecycle"},
         {"name": "cyclic", "min_lr_ratio": 0.2},
-        {"name": "cyclic", "cyclic_steps": 4},
         {"name": "constant"},
     ],
     ids=lambda k: "-".join(f"{v}" for v in k.values()),
@@ -98,7 +96,7 @@ def test_scheduler_follows_closed_form(kwargs):
     # ...and the closed form is the documented formula.
     schedule = LRSchedule(total_steps=TOTAL, warmup_steps=warmup, **kwargs)
     ref = {k: v for k, v in kwargs.items() if k != "name"}
-    ref = {"power": ref.get("power", 0.9), "low": ref.get("min_lr_ratio", 0.0), "half": ref.get("cyclic_steps")}
+    ref = {"power": ref.get("power", 0.9), "low": ref.get("min_lr_ratio", 0.0)}
     expected = [BASE_LR * reference_factor(k, kwargs["name"], TOTAL, schedule.rise_steps, **ref) for k in range(steps)]
     assert closed == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
@@ -130,12 +128,11 @@ def test_decay_reaches_min_at_total_steps_and_stays(name, min_lr_ratio):
     assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly falling from the peak to the floor
 
 
-def test_onecycle_rise_is_pct_start_of_the_run():
+def test_onecycle_rise_is_30_percent_of_the_run():
     schedule = LRSchedule("onecycle", total_steps=TOTAL)
     assert schedule.rise_steps == 9  # floor(0.3 * 30)
     assert schedule.lr_at(8, 1.0) == pytest.approx(9 / 10)
     assert schedule.lr_at(9, 1.0) == 1.0  # the peak
-    assert LRSchedule("onecycle", total_steps=TOTAL, pct_start=0.5).rise_steps == 15
     assert LRSchedule("onecycle", total_steps=TOTAL, warmup_steps=4).rise_steps == 4
     # onecycle is cosine with its warmup sized as a fraction of the run
     for k in range(TOTAL + 2):
@@ -143,9 +140,10 @@ def test_onecycle_rise_is_pct_start_of_the_run():
 
 
 def test_cyclic_is_triangular():
-    lrs = run_schedule(26, name="cyclic", total_steps=TOTAL, warmup_steps=WARMUP, cyclic_steps=5, min_lr_ratio=0.5)
+    # 25 steps, 5 of warmup: half cycles of (25 - 5) // 4 = 5 steps, two cycles per run.
+    lrs = run_schedule(26, name="cyclic", total_steps=25, warmup_steps=WARMUP, min_lr_ratio=0.5)
     assert lrs[5] == pytest.approx(BASE_LR)  # top after warmup
-    assert lrs[10] == pytest.approx(BASE_LR * 0.5)  # bottom after cyclic_steps
+    assert lrs[10] == pytest.approx(BASE_LR * 0.5)  # bottom after a half cycle
     assert lrs[15] == pytest.approx(BASE_LR)  # back to the top
     assert lrs[20] == pytest.approx(BASE_LR * 0.5)
     assert lrs[7] == pytest.approx(BASE_LR * (1 - 0.5 * 2 / 5))
@@ -163,9 +161,6 @@ def test_cyclic_is_triangular():
         ({"total_steps": 10, "warmup_steps": -1}, "warmup_steps -1"),
         ({"total_steps": 10, "power": 0}, "power 0"),
         ({"total_steps": 10, "min_lr_ratio": 1.5}, "min_lr_ratio 1.5"),
-        ({"total_steps": 10, "name": "onecycle", "pct_start": 1.0}, "pct_start 1.0"),
-        ({"total_steps": 10, "name": "onecycle", "pct_start": 0.3, "warmup_steps": 2}, "give only one"),
-        ({"total_steps": 10, "name": "cyclic", "cyclic_steps": 0}, "cyclic_steps 0"),
     ],
 )
 def test_schedule_validation_names_value_and_fix(kwargs, needle):
@@ -196,14 +191,6 @@ def test_scheduler_state_dict_round_trip():
     scheduler2.step()
     expected = lr_at(8, BASE_LR, "cosine", total_steps=TOTAL, warmup_steps=WARMUP)
     assert optimizer2.param_groups[0]["lr"] == pytest.approx(expected)
-
-
-def test_count_optimizer_steps():
-    assert count_optimizer_steps(10) == 10
-    assert count_optimizer_steps(10, 3) == 4  # ceil: the last, short accumulation still steps
-    assert count_optimizer_steps(10, 2, epochs=3) == 15
-    with pytest.raises(UnetsegError, match="batches_per_epoch 0"):
-        count_optimizer_steps(0)
 
 
 # --------------------------------------------------------------------------- step_scheduler

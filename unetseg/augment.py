@@ -35,8 +35,8 @@ Geometry proportional to what is kept
 
 Colour and normalisation
     Brightness, contrast and saturation factors in ``[1 - jitter, 1 + jitter]`` (in this
-    order), an optional hue shift, then ``(x - mean) / std``, computed for a whole batch at
-    once with per-sample factors. Contrast blends towards the mean grey of the sample's
+    order), then ``(x - mean) / std``, computed for a whole batch at once with per-sample
+    factors. Contrast blends towards the mean grey of the sample's
     real pixels, so padding does not change it.
 """
 
@@ -52,7 +52,8 @@ from torchvision.transforms.v2 import functional as F
 
 from unetseg.dataset import MAX_LABEL
 from unetseg.errors import UnetsegError
-from unetseg.transforms import IMAGENET_MEAN, IMAGENET_STD, size_pair
+from unetseg.options import size_pair
+from unetseg.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 AUGMENT_ON = ("auto", "workers", "device")
 
@@ -60,9 +61,9 @@ AUGMENT_ON = ("auto", "workers", "device")
 # image, where its resized copy lands in the output canvas (after the flip), the
 # canvas size, the flip, and the colour factors.
 PARAMS = ("src_y", "src_x", "src_h", "src_w", "out_y", "out_x", "out_h", "out_w", "canvas_h", "canvas_w",
-          "flip", "brightness", "contrast", "saturation", "hue")
+          "flip", "brightness", "contrast", "saturation")
 _COL = {name: i for i, name in enumerate(PARAMS)}
-_GEOMETRY = len(PARAMS) - 4  # the integer columns
+_GEOMETRY = len(PARAMS) - 3  # the integer columns
 _GREY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 
 
@@ -80,9 +81,6 @@ class TrainTransformConfig:
     jitter: float = 0.0
     """Colour jitter strength: brightness, contrast and saturation vary by up to this
     fraction. 0 turns it off."""
-    hue: float = 0.0
-    """Hue shift of up to this (0..0.5), applied with ``jitter``; off by default: it is
-    the costliest colour operation."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -100,10 +98,12 @@ def _axis(rng: random.Random, n: int, crop: int | None, scale: float) -> tuple[i
 
 
 class TrainTransform:
-    """Random scale, crop (mask padded with ``ignore_index``), horizontal flip, optional
-    colour jitter, normalisation: see the module docstring."""
+    """Random scale, crop (mask padded with ``pad_label``), horizontal flip, optional
+    colour jitter, normalisation: see the module docstring. ``pad_label`` is the
+    dataset's :attr:`~unetseg.dataset.ClassInfo.ignore_label`, the label no loss or
+    metric counts."""
 
-    def __init__(self, config: TrainTransformConfig, ignore_index: int | None):
+    def __init__(self, config: TrainTransformConfig, pad_label: int):
         self.crop = size_pair(config.crop_size, "crop size")
         self.resize = size_pair(config.resize, "resize")
         lo, hi = config.scale_range
@@ -111,11 +111,10 @@ class TrainTransform:
             raise UnetsegError(f"scale range {config.scale_range}: need 0 < min <= max. Fix: use e.g. 0.5,2.0")
         if config.jitter < 0:
             raise UnetsegError(f"jitter {config.jitter}: must be >= 0. Fix: use 0 (off) to 0.4")
-        if not 0 <= config.hue <= 0.5:
-            raise UnetsegError(f"hue {config.hue}: must be in [0, 0.5]. Fix: use 0 (off) to 0.1")
+        if isinstance(pad_label, bool) or not isinstance(pad_label, int) or not 0 <= pad_label <= MAX_LABEL:
+            raise TypeError(f"pad_label {pad_label!r}: expected a label 0..{MAX_LABEL}. Fix: pass the dataset's classes.ignore_label")
         self.config = config
-        # Padding a mask needs a label no loss or metric counts.
-        self.fill = MAX_LABEL if ignore_index is None else ignore_index
+        self.pad_label = pad_label
         self._on_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     # --- parameters (where the sample is read) ---------------------------------------
@@ -136,11 +135,9 @@ class TrainTransform:
         flip = int(c.hflip and rng.random() < 0.5)
         if flip:
             ox = cw - ox - ow  # the kept region mirrors inside the canvas too
-        colour = [1.0, 1.0, 1.0, 0.0]
+        colour = [1.0, 1.0, 1.0]
         if c.jitter > 0:
-            j = c.jitter
-            colour = [rng.uniform(max(0.0, 1 - j), 1 + j) for _ in range(3)]
-            colour.append(rng.uniform(-c.hue, c.hue) if c.hue > 0 else 0.0)
+            colour = [rng.uniform(max(0.0, 1 - c.jitter), 1 + c.jitter) for _ in range(3)]
         return [sy, sx, sh, sw, oy, ox, oh, ow, ch, cw, flip, *colour]
 
     def params(self, rng: random.Random, sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -151,7 +148,7 @@ class TrainTransform:
 
     def geometry(self, images, masks, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop, resize and flip each sample into a canvas: uint8 ``(N, 3, H, W)`` and
-        uint8 ``(N, H, W)`` masks (``ignore_index`` outside the kept region), on the
+        uint8 ``(N, H, W)`` masks (``pad_label`` outside the kept region), on the
         images' device. ``images``/``masks``: a list of ``(3, h, w)``/``(h, w)`` tensors, or
         a batch padded beyond each sample's size (the padding is never read)."""
         rows = params[:, :_GEOMETRY].to(torch.int64).tolist()
@@ -159,7 +156,7 @@ class TrainTransform:
         width = max(r[_COL["canvas_w"]] for r in rows)
         device = images[0].device
         out_images = torch.zeros((len(rows), 3, height, width), dtype=torch.uint8, device=device)
-        out_masks = torch.full((len(rows), height, width), self.fill, dtype=torch.uint8, device=device)
+        out_masks = torch.full((len(rows), height, width), self.pad_label, dtype=torch.uint8, device=device)
         for i, (sy, sx, sh, sw, oy, ox, oh, ow, _, _, flip) in enumerate(rows):
             image = images[i][:, sy:sy + sh, sx:sx + sw]
             mask = masks[i][sy:sy + sh, sx:sx + sw]
@@ -197,9 +194,6 @@ class TrainTransform:
             x = (col("contrast") * x + (1 - col("contrast")) * mean_grey).clamp_(0, 1)
             grey = (x * grey_weights).sum(1, keepdim=True)
             x = (col("saturation") * x + (1 - col("saturation")) * grey).clamp_(0, 1)
-            hues = params[:, _COL["hue"]].tolist()
-            if any(hues):
-                x = torch.stack([F.adjust_hue(x[i], h) if h else x[i] for i, h in enumerate(hues)])
         return ((x - mean) / std) * real
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -226,7 +220,7 @@ class TrainTransform:
     def __repr__(self) -> str:
         c = self.config
         what = f"resize={self.resize}" if self.resize else f"crop={self.crop}, scale_range={tuple(c.scale_range)}"
-        return f"TrainTransform({what}, hflip={c.hflip}, jitter={c.jitter}, hue={c.hue})"
+        return f"TrainTransform({what}, hflip={c.hflip}, jitter={c.jitter})"
 
 
 class DeviceAugment:

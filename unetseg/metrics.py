@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -345,12 +345,6 @@ class ConfusionMatrix:
         out.reduced = self.reduced
         return out
 
-    def reset(self) -> None:
-        """Zero the counts, e.g. before the next evaluation; the matrix keeps its device."""
-        self.matrix.zero_()
-        self.num_samples = 0
-        self.reduced = False
-
     def compute(self) -> SegmentationMetrics:
         """Metrics of the counts held here, in float64 (see :class:`SegmentationMetrics`).
 
@@ -392,39 +386,3 @@ class ConfusionMatrix:
             num_pixels=int(counts.sum()),
             confusion_matrix=tuple(tuple(row) for row in counts.tolist()),
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        """Counts and settings for checkpointing; the matrix is copied to the CPU.
-
-        In a distributed run each process saves its own (local) counts.
-        """
-        return {
-            "num_classes": self.num_classes,
-            "ignore_index": self.ignore_index,
-            "class_names": list(self.class_names),
-            "matrix": self.matrix.detach().cpu().clone(),
-            "num_samples": self.num_samples,
-            "reduced": self.reduced,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore counts saved by :meth:`state_dict`; the matrix stays on this object's device.
-
-        ``num_classes`` and ``ignore_index`` must match, since the counts mean
-        something else otherwise; class names are labels only and are kept.
-        """
-        for key in ("num_classes", "ignore_index"):
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"state has {key}={state[key]!r} but this ConfusionMatrix has {key}={getattr(self, key)!r}; "
-                    f"create it with {key}={state[key]!r} to load this state"
-                )
-        matrix = torch.as_tensor(state["matrix"])
-        n = self.num_classes
-        if tuple(matrix.shape) != (n, n) or matrix.dtype != torch.int64:
-            raise ValueError(
-                f"state matrix has shape {tuple(matrix.shape)} and dtype {matrix.dtype}, expected ({n}, {n}) int64"
-            )
-        self.matrix = matrix.to(self.matrix.device).clone()
-        self.num_samples = int(state["num_samples"])
-        self.reduced = bool(state.get("reduced", False))

@@ -22,10 +22,11 @@ it still makes ``num_processes`` schedule steps per optimiser step.
 So keep the scheduler out of ``prepare`` and step it yourself, once per optimiser
 step. ``unetseg.train`` steps it after every optimiser step it counts, including one
 skipped for a non-finite loss, so the lr is a pure function of the step number
-(``lr_at``) and resume needs nothing but that number; it saves
-``scheduler.state_dict()`` (plain numbers) in the checkpoint's ``trainer_state.json``
-rather than through ``accelerator.register_for_checkpointing``, whose loader unpickles
-with ``weights_only=False``. A loop written around ``accelerator.accumulate`` can use
+(``lr_at``) and resume needs nothing but that number: it builds the scheduler from the
+resumed config and puts it at the checkpoint's step (``unetseg.train.schedule_at``), so a
+resume with another lr or a longer schedule trains with it. Nothing of the scheduler is
+saved, nor registered with ``accelerator.register_for_checkpointing`` (whose loader
+unpickles with ``weights_only=False``). A loop written around ``accelerator.accumulate`` can use
 :func:`step_scheduler`, which steps only after a real optimiser step::
 
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -52,16 +53,14 @@ and ``p = min(t / (T - W), 1)``:
 - ``poly`` (default): ``m + (1 - m) * (1 - p) ** power`` — the base lr at step ``W``,
   ``min_lr_ratio * lr`` at step ``T`` and after;
 - ``cosine``: ``m + (1 - m) * (1 + cos(pi * p)) / 2``, same end points;
-- ``onecycle``: a linear rise over the first ``floor(pct_start * T)`` steps (default
-  ``pct_start`` 0.3; or over ``warmup_steps`` when that is given instead) to the peak,
-  the base lr, then a cosine anneal to ``min_lr_ratio * lr`` at step ``T``: the cosine
-  schedule with a warmup sized as a fraction of the run. Unlike
-  :class:`torch.optim.lr_scheduler.OneCycleLR` the rise is linear from ~0, momentum
-  is not cycled, and the floor is ``min_lr_ratio`` (default 0);
+- ``onecycle``: a linear rise over the first ``floor(0.3 * T)`` steps (or over
+  ``warmup_steps`` when that is given) to the peak, the base lr, then a cosine anneal
+  to ``min_lr_ratio * lr`` at step ``T``: the cosine schedule with a warmup sized as a
+  fraction of the run. Unlike :class:`torch.optim.lr_scheduler.OneCycleLR` the rise is
+  linear from ~0, momentum is not cycled, and the floor is ``min_lr_ratio`` (default 0);
 - ``cyclic``: triangular: from the base lr at step ``W`` linearly down to
-  ``min_lr_ratio * lr`` in ``cyclic_steps`` steps, back up in as many, and so on
-  (continuing past ``T``); by default ``cyclic_steps = max(1, (T - W) // 4)``, two
-  full cycles;
+  ``min_lr_ratio * lr`` in ``max(1, (T - W) // 4)`` steps, back up in as many, and so
+  on: two full cycles over the run (continuing past ``T``);
 - ``constant``: the base lr after warmup.
 
 The scheduler is a plain :class:`torch.optim.lr_scheduler.LambdaLR` whose factor is
@@ -89,7 +88,6 @@ __all__ = [
     "LRSchedule",
     "build_optimizer",
     "build_scheduler",
-    "count_optimizer_steps",
     "lr_at",
     "lr_factor",
     "param_groups",
@@ -98,7 +96,8 @@ __all__ = [
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("poly", "cosine", "onecycle", "cyclic", "constant")
-DEFAULT_PCT_START = 0.3
+# onecycle without warmup_steps rises over this fraction of the run.
+ONECYCLE_RISE = 0.3
 
 
 def _is_int(value: Any) -> bool:
@@ -198,8 +197,6 @@ class LRSchedule:
     warmup_steps: int = 0
     power: float = 0.9
     min_lr_ratio: float = 0.0
-    pct_start: float | None = None
-    cyclic_steps: int | None = None
 
     def __post_init__(self) -> None:
         def fail(what: str, fix: str) -> UnetsegError:
@@ -220,30 +217,17 @@ class LRSchedule:
             raise fail(f"power {self.power!r} must be a finite number > 0", "use e.g. 0.9")
         if not (_is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
             raise fail(f"min_lr_ratio {self.min_lr_ratio!r} must be a number in [0, 1]", "use e.g. 0 or 0.01")
-        if self.pct_start is not None:
-            if not (_is_number(self.pct_start) and 0 < self.pct_start < 1):
-                raise fail(f"pct_start {self.pct_start!r} must be a number in (0, 1)", "use e.g. 0.3")
-            if self.name == "onecycle" and self.warmup_steps > 0:
-                raise fail(
-                    f"both warmup_steps {self.warmup_steps} and pct_start {self.pct_start} size the rise",
-                    "give only one of them",
-                )
-        if self.cyclic_steps is not None and not (_is_int(self.cyclic_steps) and self.cyclic_steps >= 1):
-            raise fail(f"cyclic_steps {self.cyclic_steps!r} must be an integer >= 1", "use e.g. 2000 (steps from top to bottom)")
 
     @property
     def rise_steps(self) -> int:
-        """Steps of linear warmup: ``warmup_steps``, or for ``onecycle`` without it ``floor(pct_start * total_steps)``."""
+        """Steps of linear warmup: ``warmup_steps``, or for ``onecycle`` without it ``floor(0.3 * total_steps)``."""
         if self.name == "onecycle" and self.warmup_steps == 0:
-            pct = DEFAULT_PCT_START if self.pct_start is None else self.pct_start
-            return math.floor(pct * self.total_steps)
+            return math.floor(ONECYCLE_RISE * self.total_steps)
         return self.warmup_steps
 
     @property
     def half_cycle(self) -> int:
-        """Steps from the top of a ``cyclic`` triangle to its bottom."""
-        if self.cyclic_steps is not None:
-            return self.cyclic_steps
+        """Steps from the top of a ``cyclic`` triangle to its bottom: two cycles per run."""
         return max(1, (self.total_steps - self.rise_steps) // 4)
 
     def factor(self, step: int) -> float:
@@ -295,37 +279,21 @@ def build_scheduler(
     warmup_steps: int = 0,
     power: float = 0.9,
     min_lr_ratio: float = 0.0,
-    pct_start: float | None = None,
-    cyclic_steps: int | None = None,
 ) -> LambdaLR:
     """A ``LambdaLR`` over ``optimizer`` following :class:`LRSchedule` (see the module doc).
 
-    ``total_steps`` counts optimiser steps (use :func:`count_optimizer_steps`). Step
-    it once per optimiser step yourself (see the module doc), and do not pass it to
-    ``accelerator.prepare``.
+    ``total_steps`` counts optimiser steps: for ``unetseg train``, ``epochs`` times the
+    optimiser steps of an epoch, which :func:`unetseg.stream.batches_per_epoch` trims to
+    whole steps (the batches of an epoch divided by the gradient accumulation, no
+    remainder). Step it once per optimiser step yourself (see the module doc), and do
+    not pass it to ``accelerator.prepare``.
     Each param group's lr at construction is its base lr.
     """
-    schedule = LRSchedule(
-        name=name, total_steps=total_steps, warmup_steps=warmup_steps, power=power,
-        min_lr_ratio=min_lr_ratio, pct_start=pct_start, cyclic_steps=cyclic_steps,
-    )  # fmt: skip
+    schedule = LRSchedule(name=name, total_steps=total_steps, warmup_steps=warmup_steps, power=power,
+                          min_lr_ratio=min_lr_ratio)
     # A partial, not a lambda or a bound method: LambdaLR.state_dict() stores the
     # __dict__ of callable objects, which for a partial is empty.
     return LambdaLR(optimizer, functools.partial(_factor, schedule))
-
-
-def count_optimizer_steps(batches_per_epoch: int, gradient_accumulation_steps: int = 1, epochs: int = 1) -> int:
-    """Optimiser steps in ``epochs`` epochs of ``batches_per_epoch`` batches per process.
-
-    Accelerate's ``accumulate`` steps the optimiser every ``gradient_accumulation_steps``
-    batches and at the end of each epoch's (prepared) dataloader, so an epoch holds
-    ``ceil(batches_per_epoch / gradient_accumulation_steps)`` optimiser steps.
-    """
-    values = {"batches_per_epoch": batches_per_epoch, "gradient_accumulation_steps": gradient_accumulation_steps, "epochs": epochs}
-    for label, value in values.items():
-        if not (_is_int(value) and value >= 1):
-            raise UnetsegError(f"{label} {value!r} must be an integer >= 1. Fix: check the batch size, dataset size and epochs")
-    return epochs * math.ceil(batches_per_epoch / gradient_accumulation_steps)
 
 
 def step_scheduler(scheduler: Any, accelerator: Any) -> bool:

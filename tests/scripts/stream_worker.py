@@ -38,7 +38,7 @@ for folder in folders:
     source = open_source(folder, "train")
     per_epoch = batches_per_epoch(source.num_samples, 2, world)
     for workers in (0, 2):
-        stream = TrainStream(source, TrainTransform(TrainTransformConfig(crop_size=16), source.info.classes.ignore_index),
+        stream = TrainStream(source, TrainTransform(TrainTransformConfig(crop_size=16), source.info.classes.ignore_label),
                              2, batches_per_epoch=per_epoch, rank=rank, world_size=world, seed=3, shuffle_buffer=4)
         batches = iterate(make_loader(stream, workers), StreamStats())
         results[f"train|{folder}|{workers}"] = {"per_epoch": per_epoch,
