@@ -55,6 +55,9 @@ def test_evaluate_on_the_last_checkpoint_equals_final(tmp_path, run, capsys):
     assert ckpt["model"] == str(step(run_dir, 4))
     assert ckpt["mIoU"] == final["mIoU"] and ckpt["confusion_matrix"] == final["confusion_matrix"]
     assert ckpt["num_samples"] == final["num_samples"] == 4
+    # Both are recorded in the run's evaluations.jsonl, for unetseg report, each named.
+    recorded = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in recorded][-2:] == ["final", "checkpoints/step-00000004"]
     # an earlier checkpoint loads too, with its own (other) weights
     early, _, _ = load_model(step(run_dir, 2))
     last, config, info = load_model(step(run_dir, 4))

@@ -74,7 +74,7 @@ CASES = [
     ("evaluate-corrupt-sample", "evaluate", "corrupt", ["{model}"], 1, ["1 of the 8 samples", "does not decode"]),
     ("evaluate-wrong-class-count", "evaluate", "other_classes", ["{model}"], 1, ["differ from the 10 classes", "Fix:"]),
     ("evaluate-bad-batch-size", "evaluate", "good", ["{model}", "--batch-size", "0"], 1, ["--batch-size 0", "Fix:"]),
-    ("evaluate-bad-eval-resize", "evaluate", "good", ["{model}", "--eval-resize", "big"], 1, ["--eval-resize 'big'", "Fix:"]),
+    ("evaluate-bad-eval-resize", "evaluate", "good", ["{model}", "--eval-resize", "big"], 1, ["--eval-resize big", "Fix:"]),
 ]
 
 

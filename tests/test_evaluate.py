@@ -159,3 +159,41 @@ def test_part_of_a_split_is_an_error_unless_allowed(tmp_path, trained):
     report = json.loads(out.read_text())
     assert report["num_samples"] == 9 - missing and report["split_samples"] == 9 and report["missing_samples"] == missing
     assert len(report["unreadable"]) == 2
+
+
+def test_plots_of_255_classes_stay_a_readable_size(tmp_path):
+    """255 classes at 0.45 inch a class gave a 14130 x 14010 px confusion PNG; the figures
+    are capped (no per-class names or per-cell numbers past the cap), 4 classes keep theirs."""
+    from PIL import Image
+
+    from unetseg.evaluate import write_plots
+    from unetseg.metrics import ConfusionMatrix
+
+    sizes = {}
+    for n in (4, 255):
+        cm = ConfusionMatrix(n, None, [f"class {i}" for i in range(n)])
+        generator = torch.Generator().manual_seed(0)
+        cm.update(torch.randint(0, n, (4, 8, 8), generator=generator), torch.randint(0, n, (4, 8, 8), generator=generator))
+        (tmp_path / str(n)).mkdir()
+        paths = write_plots(cm.compute(), tmp_path / str(n) / "report.json")
+        sizes[n] = [Image.open(p).size for p in paths]
+    assert sizes[4] == [(600, 480), (600, 480)]
+    (cw, ch), (bw, bh) = sizes[255]
+    assert cw <= 1600 and ch <= 1500 and bw <= 2000 and bh <= 500
+
+
+def test_eval_resize_takes_every_size_form(tmp_path, trained, capsys):
+    """--eval-resize is read by the one size type: 32x32, 32,32 and 32 are one size, and the
+    report records it as [H, W]."""
+    from conftest import run_main
+
+    run_dir, data = trained
+    reports = []
+    for form in ("32x32", "32,32", "32"):
+        out = tmp_path / form.replace(",", "_") / "report.json"
+        code, _, err = run_main("evaluate", [run_dir, "--data", data, "--out", out, "--num-workers", "0",
+                                             "--eval-resize", form], capsys)
+        assert code == 0, err
+        reports.append(json.loads(out.read_text()))
+    assert [r["eval_resize"] for r in reports] == [[32, 32]] * 3
+    assert reports[0]["confusion_matrix"] == reports[1]["confusion_matrix"] == reports[2]["confusion_matrix"]

@@ -27,5 +27,5 @@ def test_a_section_validated_alone_names_its_keys_under_the_section():
 def test_what_a_field_accepts_comes_from_its_type_bounds_or_explanation():
     fields = DataConfig.model_fields
     assert allowed("batch_size", fields["batch_size"]) == "a whole number >= 1"
-    assert allowed("crop_size", fields["crop_size"]).startswith("H,W or one size for both")
+    assert allowed("crop_size", fields["crop_size"]).startswith("H,W, HxW or one size for both")
     assert allowed("eval_batch_size", fields["eval_batch_size"]).endswith(", or none")

@@ -9,7 +9,7 @@ from conftest import read_split
 from unetseg.dataset import DatasetInfo
 from unetseg.errors import UnetsegError
 from unetseg.pack import pack
-from unetseg.synth import CLASS_NAMES, IGNORE_INDEX, parse_size, synth
+from unetseg.synth import CLASS_NAMES, IGNORE_INDEX, synth
 
 
 def files(folder):
@@ -75,12 +75,14 @@ def test_folders_then_pack_gives_the_same_samples_as_shards(tmp_path):
         assert info.splits[split].pixel_counts == direct.splits[split].pixel_counts
 
 
-@pytest.mark.parametrize("bad", ["12x12", "axb", "1x2x3", "5000x64"])
-def test_bad_size(bad):
-    with pytest.raises(UnetsegError, match="--size"):
-        parse_size(bad)
+@pytest.mark.parametrize("bad", ["12x12", "axb", "1x2x3", "5000x64", "64,0"])
+def test_bad_size(tmp_path, bad):
+    with pytest.raises(UnetsegError, match=f"--size '{bad}'.*Fix:"):
+        synth(tmp_path / "out", train=1, val=0, size=bad, workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
-def test_size_forms():
-    assert parse_size("96x128") == (96, 128)
-    assert parse_size("64") == (64, 64)
+@pytest.mark.parametrize("size, stored", [("96x128", "96x128"), ("96,128", "96x128"), ("64", "64x64"), (48, "48x48")])
+def test_size_forms(tmp_path, size, stored):
+    info = synth(tmp_path / "out", train=1, val=0, size=size, workers=1, progress=False)
+    assert info.splits["train"].image_sizes == {stored: 1}

@@ -43,7 +43,7 @@ def test_validation_data_with_other_classes_is_refused(data, tmp_path):
 
 
 def test_the_default_crop_is_the_most_common_image_size():
-    assert most_common_size({"24x32": 5, "360x480": 9, "10x10": 1}) == [360, 480]
+    assert most_common_size({(24, 32): 5, (360, 480): 9, (10, 10): 1}) == [360, 480]
 
 
 def test_several_training_splits_are_read_as_one_and_may_include_validation(data, capsys):
@@ -55,7 +55,7 @@ def test_several_training_splits_are_read_as_one_and_may_include_validation(data
     assert train.split == "train+val" and train.splits == ["train", "val"]
     per_split = [alone_train.info.split(s).pixel_counts for s in ("train", "val")]
     assert train.pixel_counts() == [a + b for a, b in zip(*per_split)]
-    assert train.image_sizes() == {"24x32": 12}
+    assert train.image_sizes() == {(24, 32): 12}
     assert val.urls == alone_val.urls
     assert "not a held-out measure" in capsys.readouterr().out
 

@@ -58,7 +58,7 @@ def synth(
     out_dir: Path = typer.Option(Path("shards/synthetic"), "--out", help="Folder to write."),
     train: int = typer.Option(2048, help="Training samples."),
     val: int = typer.Option(256, help="Validation samples."),
-    size: str = typer.Option("64x64", help="Image size, HxW."),
+    size: str = typer.Option("64x64", help="Image size: HxW, H,W or one number for both sides (16..4096 pixels)."),
     seed: int = typer.Option(0, help="Same seed, same bytes."),
     format: SynthFormat = typer.Option(SynthFormat.shards, help="shards: ready to train; folders: images/, masks/ and classes.json for `unetseg pack`."),
     shard_size: int = typer.Option(64, help="Samples per shard."),
@@ -152,7 +152,7 @@ class ExportFormat(str, Enum):
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help="A run dir (uses best/, then final/) or a best/ or final/ folder."),
+    model: Path = typer.Argument(..., help="A run dir (uses best/, then final/), a best/ or final/ folder, or a training checkpoint RUN/checkpoints/step-NNNNNNNN."),
     inputs: list[str] = typer.Argument(..., help="Image files, folders (their images, not recursive) or globs."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for <name>.png (class ids), <name>_color.png and overlays."),
     overlay: bool = typer.Option(False, help="Also write <name>_overlay.png: the image blended with its colour mask."),
@@ -172,7 +172,7 @@ def predict(
 
 @app.command()
 def export(
-    model: Path = typer.Argument(..., help="A run dir (uses best/, then final/) or a best/ or final/ folder."),
+    model: Path = typer.Argument(..., help="A run dir (uses best/, then final/), a best/ or final/ folder, or a training checkpoint RUN/checkpoints/step-NNNNNNNN."),
     format: ExportFormat = typer.Option(..., help="onnx (needs: pip install onnx onnxscript onnxruntime) or torchscript."),
     out: Path = typer.Option(..., help="File to write; checked against the eager model before it is renamed into place."),
 ) -> None:

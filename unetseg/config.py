@@ -23,7 +23,7 @@ from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from unetseg.errors import UnetsegError
 from unetseg.models import DEFAULT_MODEL, ModelOptions, model_options_class
-from unetseg.options import _ORIGIN, SIZE_ALLOWED, Options, _check_size, _items, _short, _size, explained
+from unetseg.options import _ORIGIN, Options, Size, _items, _short, explained
 
 CLASS_WEIGHT_KINDS = ("none", "median_frequency", "inverse_log")  # as unetseg.class_weights.CLASS_WEIGHT_KINDS
 
@@ -42,15 +42,12 @@ class DataConfig(Options):
     augment_on: Literal["auto", "workers", "device"] = Field("auto", description="Where training augmentation runs: in the DataLoader workers, or on the training device (the GPU) on batches of decoded images, leaving the CPU only reading and decoding. Both give the same augmentation for a seed. auto: device on a GPU, else workers.")
     shuffle_buffer: int = Field(256, ge=1, description="Samples in each worker's shuffle buffer.")
     max_bad_samples: int = Field(10, ge=0, description='Undecodable samples tolerated (skipped and counted) before the run stops.')
-    crop_size: list[int] | None = Field(None, json_schema_extra=explained(SIZE_ALLOWED), description="Random crop H,W (or one number) after scaling. Default: the split's most common image size.")
+    crop_size: Size = Field(None, description="Random crop H,W (or one number) after scaling. Default: the split's most common image size.")
     scale_range: list[float] = Field(default_factory=lambda: [0.75, 1.5], json_schema_extra=explained("min,max with 0 < min <= max, e.g. 0.5,2.0"), description='Random scale range min,max applied before the crop.')
     hflip: bool = Field(True, description='Random horizontal flips.')
     jitter: float = Field(0.0, ge=0, description='Colour jitter strength (brightness, contrast, saturation); 0 is off.')
-    resize: list[int] | None = Field(None, json_schema_extra=explained(SIZE_ALLOWED), description='Train on images resized to H,W instead of scale + crop.')
-    eval_resize: list[int] | None = Field(None, json_schema_extra=explained(SIZE_ALLOWED), description='Evaluate with the network input resized to H,W (metrics stay at the original mask size). Default: full resolution.')
-
-    _size_items = field_validator("crop_size", "resize", "eval_resize", mode="before")(_size)
-    _size_check = field_validator("crop_size", "resize", "eval_resize")(_check_size)
+    resize: Size = Field(None, description='Train on images resized to H,W instead of scale + crop.')
+    eval_resize: Size = Field(None, description='Evaluate with the network input resized to H,W (metrics stay at the original mask size). Default: full resolution.')
 
     _scale_items = field_validator("scale_range", mode="before")(_items)
 

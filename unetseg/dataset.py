@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from unetseg.errors import UnetsegError
+from unetseg.options import size_pair
 
 DATASET_JSON = "dataset.json"
 FORMAT_NAME = "unetseg-shards"
@@ -149,6 +150,10 @@ class SplitInfo:
     image_sizes: dict[str, int]
     """How many samples have each size, keyed ``"HxW"``."""
     num_bytes: int = 0
+
+    def shapes(self) -> dict[tuple[int, int], int]:
+        """``image_sizes`` keyed ``(H, W)``: how many samples have each size."""
+        return {size_pair(key, "dataset.json image size"): n for key, n in self.image_sizes.items()}
 
 
 @dataclass

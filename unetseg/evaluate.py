@@ -20,37 +20,67 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from unetseg.errors import UnetsegError
 from unetseg.metrics import SegmentationMetrics
+from unetseg.options import ConfigError, Options, Size, explained
 from unetseg.scoring import TTA, TTA_MODES, confusion_matrix
 
 # --- the command -------------------------------------------------------------------------
 
 
+DESCRIPTION = ("Evaluate a trained model on a split at the original mask resolution. "
+               "Run under `accelerate launch` for several processes or GPUs; the result is the same.")
+
+
+class EvaluateOptionsError(ConfigError):
+    what = "unetseg evaluate options"
+
+
+class EvaluateOptions(Options):
+    """What ``unetseg evaluate`` takes, typed and checked like the training config: the
+    parser is generated from these fields (:func:`unetseg.flags.parse_command`), and bad
+    values are refused, all at once, before any model is loaded."""
+
+    command = "unetseg evaluate"
+    command_line = True
+    error_class = EvaluateOptionsError
+
+    model: str = Field(json_schema_extra={**explained("a folder"), "positional": True},
+                       description="A run dir (uses best/, then final/), a best/ or final/ folder, or a training "
+                       "checkpoint RUN/checkpoints/step-NNNNNNNN.")
+    data: str = Field(json_schema_extra=explained("a shard folder, URL or pattern"),
+                      description="Shard folder or URL, or a shard pattern.")
+    split: str = Field("val", description="Split to evaluate.")
+    dataset_json: str | None = Field(None, description="dataset.json for a shard pattern that has none beside it.")
+    out: str = Field("report.json", description="Report path; the plots go beside it.")
+    batch_size: int = Field(4, ge=1, description="Images per batch and process.")
+    tta: Literal[TTA_MODES] = Field("none", description="Test-time augmentation.")
+    eval_resize: Size = Field(None, description="Feed the network images resized to H,W. Default: as in training.")
+    num_workers: int = Field(2, ge=0, description="DataLoader workers per process.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
+        None, description="Mixed precision. Default: what accelerate launch says, else no.")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the model, batches padded to one shape so it compiles once. auto: on for CUDA.")
+    allow_missing: int = Field(0, ge=0, description="Samples of the split that may be unreadable and left out of the "
+                               "score; with more missing, no report is written and the exit code is 1.")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="unetseg evaluate",
-        description="Evaluate a trained model on a split at the original mask resolution. "
-        "Run under `accelerate launch` for several processes or GPUs; the result is the same.",
-    )
-    p.add_argument("model", help="a run dir (uses best/, then final/) or a best/ or final/ folder")
-    p.add_argument("--data", required=True, help="shard folder or URL, or a shard pattern")
-    p.add_argument("--split", default="val", help="split to evaluate (default: val)")
-    p.add_argument("--dataset-json", help="dataset.json for a shard pattern that has none beside it")
-    p.add_argument("--out", default="report.json", help="report path; the plots go beside it (default: report.json)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per batch and process (default: 4)")
-    p.add_argument("--tta", choices=TTA_MODES, default="none", help="test-time augmentation (default: none)")
-    p.add_argument("--eval-resize", help="H,W: feed the network resized images (default: as in training)")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process (default: 2)")
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default: from accelerate launch, else no")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="torch.compile the model, batches padded to one shape so it compiles once "
-                        "(default: auto, on for CUDA)")
-    p.add_argument("--allow-missing", type=int, default=0, metavar="N",
-                   help="samples of the split that may be unreadable and left out of the score (default: 0, "
-                        "every sample must be scored, else the exit code is 1)")
-    return p
+    """The ``unetseg evaluate`` parser, one argument or flag per :class:`EvaluateOptions` field."""
+    from unetseg.flags import command_parser
+
+    return command_parser(EvaluateOptions, DESCRIPTION)
+
+
+def parse_args(argv: list[str] | None = None) -> EvaluateOptions:
+    """The evaluate options from command-line arguments (``sys.argv`` when ``None``)."""
+    from unetseg.flags import parse_command
+
+    return parse_command(EvaluateOptions, DESCRIPTION, argv)
 
 
 def check_classes(model_classes, data_classes, model_path: str, data: str) -> None:
@@ -63,28 +93,12 @@ def check_classes(model_classes, data_classes, model_path: str, data: str) -> No
         )
 
 
-def parse_size(text: str, flag: str) -> list[int]:
-    """``H,W`` (or one size for both) as two positive ints."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or min(values) < 1:
-        raise UnetsegError(f"{flag} {text!r}: expected H,W or one size for both. Fix: use e.g. 270,360 or 256")
-    return values * 2 if len(values) == 1 else values
-
-
-def run(args: argparse.Namespace) -> SegmentationMetrics:
+def run(args: EvaluateOptions) -> SegmentationMetrics:
     """Evaluate as ``args`` say; every process returns the same (reduced) metrics."""
     from unetseg.checkpoint import load_model, model_folder
     from unetseg.runtime import make_accelerator
     from unetseg.sources import open_source
 
-    for name, low in (("batch_size", 1), ("num_workers", 0), ("allow_missing", 0)):
-        value = getattr(args, name)
-        if value < low:
-            raise UnetsegError(f"--{name.replace('_', '-')} {value}: must be {low} or more. Fix: use e.g. {low + 1}")
-    eval_size = parse_size(args.eval_resize, "--eval-resize") if args.eval_resize else None
     accelerator = make_accelerator(args.mixed_precision)
     folder = model_folder(args.model)
     model, config, model_info = load_model(folder)
@@ -92,7 +106,7 @@ def run(args: argparse.Namespace) -> SegmentationMetrics:
     check_classes(model_info.classes, source.info.classes, str(folder), args.data)
     if source.num_samples == 0 or not source.urls:
         raise UnetsegError(f"{source.describe()} has no samples to evaluate. Fix: pick another --split")
-    resize = eval_size if args.eval_resize else config.get("data", {}).get("eval_resize")
+    resize = args.eval_resize if args.eval_resize is not None else config.get("data", {}).get("eval_resize")
     result, stats = score(args, accelerator, model, source, model_info.classes, resize)
     bad = stats.reduce()
     expected = source.num_samples
@@ -117,7 +131,7 @@ def run(args: argparse.Namespace) -> SegmentationMetrics:
     return result
 
 
-def score(args: argparse.Namespace, accelerator, model, source, classes, resize):
+def score(args: EvaluateOptions, accelerator, model, source, classes, resize):
     """This split's reduced metrics, every sample once over all processes, and the stream's
     record of unreadable samples (read whatever fails, with no budget, so that the error
     lists every bad sample)."""
@@ -135,7 +149,7 @@ def score(args: argparse.Namespace, accelerator, model, source, classes, resize)
     return cm.reduce().compute(), stats
 
 
-def maybe_compiled(args: argparse.Namespace, model, device, source, resize):
+def maybe_compiled(args: EvaluateOptions, model, device, source, resize):
     """The model, or compiled over batches padded to the split's largest image (or the
     eval resize): one shape for the whole split."""
     from unetseg.runtime import compile_on
@@ -144,21 +158,23 @@ def maybe_compiled(args: argparse.Namespace, model, device, source, resize):
     if not compile_on(args.compile, device):
         return model
     split = source.info.splits.get(args.split)
-    listed = split.image_sizes if split is not None else {}  # unknown: each batch rounded up to the multiple
-    sizes = [[int(v) for v in size.split("x")] for size in listed] if resize is None else [list(resize)]
+    listed = split.shapes() if split is not None else {}  # unknown: each batch rounded up to the multiple
+    sizes = list(listed) if resize is None else [tuple(resize)]
     return compiled_model(model, args.batch_size, max((h for h, _ in sizes), default=0), max((w for _, w in sizes), default=0))
 
 
 def record_in_run(folder: Path, report: dict, out: Path) -> None:
     """Append the result to the run's ``evaluations.jsonl`` (for ``unetseg report``) when
-    the model is a run's best/ or final/."""
+    the model is a run's best/ or final/, or one of its checkpoints."""
+    from unetseg.checkpoint import STATE_FILE
     from unetseg.runstate import append_jsonl, now
 
-    run_dir = folder.parent
+    checkpoint = (folder / STATE_FILE).is_file()
+    run_dir = folder.parent.parent if checkpoint else folder.parent
     if not (run_dir / "metrics.jsonl").is_file():
         return
     record = {key: report[key] for key in ("split", "data", "tta", "eval_resize", "mIoU", "pixel_accuracy", "num_samples")}
-    record.update(time=now(), model=folder.name,
+    record.update(time=now(), model=f"{folder.parent.name}/{folder.name}" if checkpoint else folder.name,
                   report=str(out.resolve()), per_class_iou={c: v["iou"] for c, v in report["per_class"].items()})
     try:
         append_jsonl(run_dir / "evaluations.jsonl", record)
@@ -187,13 +203,17 @@ def write_report(report: dict, result: SegmentationMetrics, out: Path, stats) ->
 
 
 def write_plots(result: SegmentationMetrics, report: Path) -> list[Path]:
-    """A row-normalised confusion matrix and a per-class IoU bar chart, as PNGs beside ``report``."""
+    """A row-normalised confusion matrix and a per-class IoU bar chart, as PNGs beside
+    ``report``, sized by the number of classes up to a cap: many classes (255 gave a
+    14130 x 14010 px matrix and gigabytes of memory) get a heat map without per-cell
+    numbers or per-class names, whose numbers are in ``report.json``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    max_inches, max_named, max_annotated = 12.0, 40, 25  # at 120 dpi: at most 1440 px of classes
     names = list(result.class_names)
     matrix = np.asarray(result.confusion_matrix, dtype=np.float64)
     rows = matrix.sum(axis=1, keepdims=True)
@@ -201,15 +221,21 @@ def write_plots(result: SegmentationMetrics, report: Path) -> list[Path]:
     n = len(names)
     paths = [report.with_name(report.stem + "_confusion.png"), report.with_name(report.stem + "_iou.png")]
 
-    size = max(4.0, 0.45 * n + 2)
+    def class_ticks(set_ticks, **style) -> str:
+        """Every class by name, or (too many to read) a few class ids; returns the axis unit."""
+        if n <= max_named:
+            set_ticks(range(n), names, **style)
+            return ""
+        set_ticks(range(0, n, -(-n // 10)))
+        return " (class id)"
+
+    size = min(max_inches, max(4.0, 0.45 * n + 2))
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), names, rotation=60, ha="right")
-    ax.set_yticks(range(n), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("ground truth")
+    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xlabel("predicted" + class_ticks(ax.set_xticks, rotation=60, ha="right"))
+    ax.set_ylabel("ground truth" + class_ticks(ax.set_yticks))
     ax.set_title("confusion matrix (each row sums to 1)")
-    if n <= 25:
+    if n <= max_annotated:
         for i in range(n):
             for j in range(n):
                 if normalised[i, j] >= 0.005:
@@ -221,10 +247,10 @@ def write_plots(result: SegmentationMetrics, report: Path) -> list[Path]:
     plt.close(fig)
 
     iou = [100 * v if v == v else 0.0 for v in result.iou]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * n + 2), 4))
+    fig, ax = plt.subplots(figsize=(min(max_inches + 4, max(5.0, 0.5 * n + 2)), 4))
     ax.bar(range(n), iou, color="#4878a8")
     ax.axhline(100 * result.miou, color="#c44e52", linestyle="--", label=f"mIoU {100 * result.miou:.1f}")
-    ax.set_xticks(range(n), names, rotation=60, ha="right")
+    ax.set_xlabel(class_ticks(ax.set_xticks, rotation=60, ha="right").strip(" ()"))
     ax.set_ylabel("IoU %")
     ax.set_ylim(0, 100)
     ax.legend()
@@ -237,7 +263,7 @@ def write_plots(result: SegmentationMetrics, report: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        run(parser().parse_args(argv))
+        run(parse_args(argv))
     except UnetsegError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

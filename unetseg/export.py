@@ -98,19 +98,14 @@ def _require_onnx() -> None:
 def default_size(config: dict[str, Any], info) -> tuple[int, int]:
     """``eval_resize`` if the model was trained with it, else the most common image size
     over the splits of its dataset.json (keys ``"HxW"``), else 64x64."""
-    from unetseg.transforms import size_pair
+    from unetseg.options import size_pair
 
     resize = size_pair((config.get("data") or {}).get("eval_resize"), "eval_resize (in the model's config.yaml)")
     if resize is not None:
         return resize
     counts: Counter[tuple[int, int]] = Counter()
     for split in info.splits.values():
-        for key, n in (split.image_sizes or {}).items():
-            try:
-                h, w = (int(v) for v in key.lower().split("x"))
-            except ValueError:
-                continue
-            counts[(h, w)] += n
+        counts.update(split.shapes())
     if not counts:
         return _FALLBACK_SIZE
     return max(counts.items(), key=lambda kv: (kv[1], -kv[0][0], -kv[0][1]))[0]

@@ -1,12 +1,14 @@
-"""Command-line flags generated from the typed config, and the one ``unetseg train``
-option parser built from them.
+"""Command-line flags generated from typed options: the ``unetseg train`` parser, built
+from the training config, and the parser of any other command whose options are one
+:class:`~unetseg.options.Options` class (``unetseg evaluate``'s).
 
 Flags are the field names with dashes (``--batch-size``); fields of the ``model``
 section get a ``model-`` prefix (``--model-width``). Lists are comma-separated
 (``--crop-size 360,480``); ``none`` clears a field whose default is none. Each option's
 help is the field's description, what it accepts and its default, read from the
 pydantic fields themselves: ``unetseg train --help`` and ``python -m unetseg.train
---help`` print the same text because both print this parser's help.
+--help`` print the same text because both print this parser's help. Values are checked
+by the fields, every problem at once, never by argparse (which only knows the flags).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic.fields import FieldInfo
+
 from unetseg.config import TrainConfig, _read_yaml, _validate
 from unetseg.errors import UnetsegError
 from unetseg.models import model_names, model_options_class
-from unetseg.options import FLAGS_SOURCE, _did_you_mean, _optional, allowed, flag_name
+from unetseg.options import _ORIGIN, FLAGS_SOURCE, Options, _did_you_mean, _optional, allowed, field_extra, flag_name
 
 
 def _section_fields():
@@ -29,8 +33,7 @@ def _section_fields():
         classes = [model_options_class(n) for n in model_names()] if section == "model" else [info.annotation]
         for cls in classes:
             for name, field in cls.model_fields.items():
-                extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-                if (section, name) in seen or extra.get("flag") is False:
+                if (section, name) in seen or field_extra(field).get("flag") is False:
                     continue
                 seen.add((section, name))
                 yield section, name, field
@@ -48,6 +51,10 @@ class Flag:
     default: Any = None
     allowed: str = ""
     """What the flag accepts, in words."""
+    required: bool = False
+    """A field without a default: argparse asks for it."""
+    positional: bool = False
+    """An argument (``unetseg evaluate MODEL``), not a flag."""
 
     @property
     def help_text(self) -> str:
@@ -59,11 +66,32 @@ class Flag:
         return text
 
 
+def _flag(section: str, name: str, info: FieldInfo) -> Flag:
+    positional = bool(field_extra(info).get("positional"))
+    default = None if info.is_required() else info.get_default(call_default_factory=True)
+    return Flag(section, name, name if positional else flag_name(section, name), info.annotation,
+                " ".join((info.description or "").split()), default, allowed(name, info), info.is_required(), positional)
+
+
 def flags() -> list[Flag]:
     """Every config field as a command-line flag."""
-    return [Flag(section, name, flag_name(section, name), info.annotation, " ".join((info.description or "").split()),
-                 info.get_default(call_default_factory=True), allowed(name, info))
-            for section, name, info in _section_fields()]
+    return [_flag(section, name, info) for section, name, info in _section_fields()]
+
+
+def command_flags(cls: type[Options]) -> list[Flag]:
+    """Every field of a command's options class as an argument or flag."""
+    return [_flag("", name, info) for name, info in cls.model_fields.items() if field_extra(info).get("flag") is not False]
+
+
+def add_flag(group: argparse._ActionsContainer, f: Flag) -> None:
+    """``f`` as an argparse option whose value, kept as text, the field checks: an option
+    left out is absent (the field's default applies), a bool is ``--x``/``--no-x``."""
+    if f.positional:
+        group.add_argument(f.flag, help=f.help_text)
+    elif f.kind is bool:
+        group.add_argument(f.flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.help_text)
+    else:
+        group.add_argument(f.flag, default=argparse.SUPPRESS, help=f.help_text, metavar="VALUE", required=f.required)
 
 
 def parse_value(flag: Flag, text: Any) -> Any:
@@ -108,11 +136,7 @@ def parser() -> argparse.ArgumentParser:
     groups = {section: p.add_argument_group(f"{section} (the `{section}:` section of --config)")
               for section in TrainConfig.model_fields}
     for f in flags():
-        group = groups[f.section]
-        if f.kind is bool:
-            group.add_argument(f.flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.help_text)
-        else:
-            group.add_argument(f.flag, default=argparse.SUPPRESS, help=f.help_text, metavar="VALUE")
+        add_flag(groups[f.section], f)
     return p
 
 
@@ -122,3 +146,25 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     config_file = args.pop("config", None)
     overrides = {key.replace("_", "-"): (str(v).lower() if isinstance(v, bool) else v) for key, v in args.items()}
     return build_config(config_file, overrides)
+
+
+def command_parser(cls: type[Options], description: str) -> argparse.ArgumentParser:
+    """The parser of ``cls.command``: one argument or flag per field of ``cls``."""
+    p = argparse.ArgumentParser(prog=cls.command, description=description)
+    for f in command_flags(cls):
+        add_flag(p, f)
+    return p
+
+
+def parse_command(cls: type[Options], description: str, argv: list[str] | None = None) -> Options:
+    """``cls`` from command-line arguments (``sys.argv`` when ``None``): argparse finds the
+    flags, the fields check the values and report every problem at once, naming each
+    flag as typed and the fix."""
+    by_name = {f.name: f for f in command_flags(cls)}
+    args = vars(command_parser(cls, description).parse_args(argv))
+    values = {name: parse_value(by_name[name], str(v).lower() if isinstance(v, bool) else v) for name, v in args.items()}
+    token = _ORIGIN.set((FLAGS_SOURCE, frozenset(("", name) for name in values)))
+    try:
+        return cls(**values)
+    finally:
+        _ORIGIN.reset(token)

@@ -10,6 +10,11 @@ or model options class constructed directly in Python must get values of its typ
 Every problem found is reported at once, naming each key (and its flag when the value
 came from one), the value, what is allowed, where it came from, and the fix.
 
+The one image-size type, :data:`Size` (``256``, ``360,480`` or ``360x480``), lives here
+too: config fields declare it, and :func:`size_pair` reads it for code outside a config.
+A command's own options (``unetseg evaluate``'s) are an :class:`Options` class with
+``command_line`` set: their problems are named by flag, as typed.
+
 The sections themselves live in :mod:`unetseg.config`, the flags in
 :mod:`unetseg.flags`; a model's section is its options class in
 :mod:`unetseg.models`.
@@ -19,12 +24,15 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import functools
+import re
+import shlex
 import types
 import typing
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
@@ -76,6 +84,11 @@ class Options(BaseModel):
     )
     section: ClassVar[str] = ""
     """The key of this section in a training config ("data", "model", ...); "" for the whole config."""
+    command: ClassVar[str] = "unetseg train"
+    """The command whose ``--help`` describes these options; the fix of an error names it."""
+    command_line: ClassVar[bool] = False
+    """The options of one command (no sections, no file): each problem is named by its flag
+    and the value as it was typed."""
     error_class: ClassVar[type[ConfigError]] = ConfigError
 
     @classmethod
@@ -129,19 +142,64 @@ def _items(value: Any) -> Any:
     return items
 
 
+def explained(text: str) -> dict[str, Any]:
+    """``Field(json_schema_extra=explained(...))``: what a field accepts, for fields whose
+    type and bounds do not say it (an H,W pair, a min,max range)."""
+    return {"allowed": text}
+
+
+# --- image sizes --------------------------------------------------------------------------------
+
+
+SIZE_ALLOWED = "H,W, HxW or one size for both (whole numbers >= 1), e.g. 256, 360,480 or 360x480"
+
+
 def _size(value: Any) -> Any:
-    """H,W: one number (or a one-item list) means that size for both."""
+    """An image size as [H, W] items for the field to check: "H,W" or "HxW" text, one
+    number (or a one-item list) for both sides, or a list of two."""
     if value is None:
         return None
+    if isinstance(value, str):
+        value = [v.strip() for v in re.split(r"[,xX]", value)]
     items = _items(value)
     return items * 2 if len(items) == 1 else items
 
 
 def _check_size(value: list[int] | None) -> list[int] | None:
     if value is not None and (len(value) != 2 or min(value) < 1):
-        raise ValueError("need H,W (two whole numbers >= 1) or one size for both, e.g. 256 or 360,480")
+        raise ValueError("need H,W or HxW (two whole numbers >= 1) or one size for both, e.g. 256, 360,480 or 360x480")
     return value
 
+
+Size = Annotated[list[int] | None, BeforeValidator(_size), AfterValidator(_check_size),
+                 Field(json_schema_extra=explained(SIZE_ALLOWED))]
+"""The one image-size type: every ``H,W`` of a config, a flag and a Python argument is read
+by it, in the forms :data:`SIZE_ALLOWED` lists, and kept as ``[H, W]`` (``None``: unset)."""
+
+
+@functools.cache
+def _size_adapter() -> TypeAdapter:
+    return TypeAdapter(Size)
+
+
+def size_pair(value: Any, name: str, *, smallest: int = 1, largest: int | None = None) -> tuple[int, int] | None:
+    """``value`` read as :data:`Size`, for code outside a config (a Python argument, a
+    flag's text): ``(H, W)``, or ``None`` for ``None``. Raises :class:`UnetsegError` naming
+    ``name`` and the value, also for a side outside ``smallest..largest``."""
+    try:
+        size = _size_adapter().validate_python(value)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        why = _why(err, _message(err), err["loc"], value, None, name)
+        fix = "give one of the sizes above" if "e.g." in why else "use e.g. 256, 360,480 or 360x480"
+        raise UnetsegError(f"{name} {value!r}: {why} Fix: {fix}") from None
+    if size is None:
+        return None
+    if min(size) < smallest or (largest is not None and max(size) > largest):
+        sides = f"{smallest}..{largest}" if largest is not None else f"at least {smallest}"
+        example = min(max(smallest, 128), largest or 128)
+        raise UnetsegError(f"{name} {value!r}: sides must be {sides} pixels. Fix: use e.g. {example}x{example}")
+    return size[0], size[1]
 
 
 # --- reporting -------------------------------------------------------------------------------
@@ -170,19 +228,16 @@ def _choices(annotation: Any) -> tuple[str, ...]:
     return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
 
 
-SIZE_ALLOWED = "H,W or one size for both (whole numbers >= 1), e.g. 256 or 360,480"
-
-
-def explained(text: str) -> dict[str, Any]:
-    """``Field(json_schema_extra=explained(...))``: what a field accepts, for fields whose
-    type and bounds do not say it (an H,W pair, a min,max range)."""
-    return {"allowed": text}
+def field_extra(info: FieldInfo) -> dict[str, Any]:
+    """A field's ``json_schema_extra``: "allowed" (see :func:`explained`), "flag": false (no
+    flag), "positional": true (an argument, not a flag)."""
+    return info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
 
 
 def allowed(name: str, info: FieldInfo) -> str:
     """What a field accepts, in words: 'a whole number >= 1', 'one of batch, group, none'."""
     annotation = info.annotation
-    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    extra = field_extra(info)
     if "allowed" in extra:
         text = str(extra["allowed"])
     elif choices := _choices(annotation):
@@ -206,6 +261,10 @@ def flag_name(section: str, name: str) -> str:
 
 def _config_error(e: ValidationError, cls: type[Options], data: dict[str, Any], source: str,
                   from_flags: frozenset[tuple[str, str]]) -> ConfigError:
+    if cls.command_line:
+        problems = list(dict.fromkeys(_flag_problem(err, cls, data) for err in e.errors(include_url=False)))
+        where, fix = _where_and_fix(source, 1, 0, len(problems), cls.command)
+        return cls.error_class(problems, where, fix)
     if cls.section:  # a section validated on its own
         sections: dict[str, type[Options]] = {cls.section: cls}
         prefix: tuple[str, ...] = (cls.section,)
@@ -220,14 +279,14 @@ def _config_error(e: ValidationError, cls: type[Options], data: dict[str, Any], 
         filed += not by_flag
         if line not in problems:  # one size for H,W fails twice
             problems.append(line)
-    where, fix = _where_and_fix(source, flagged, filed, len(problems))
+    where, fix = _where_and_fix(source, flagged, filed, len(problems), cls.command)
     return cls.error_class(problems, where, fix)
 
 
 def _problem(err: Any, loc: tuple[Any, ...], data: dict[str, Any], sections: dict[str, type[Options]],
              from_flags: frozenset[tuple[str, str]]) -> tuple[str, bool]:
     """One line for one pydantic error, and whether its value came from a flag."""
-    msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    msg = _message(err)
     if len(loc) < 2 and err["type"] not in ("extra_forbidden", "model_type", "model_attributes_type", "dict_type"):
         return f"{'.'.join(map(str, loc)) + ': ' if loc else ''}{msg}.", False  # a check across keys
     if len(loc) == 1:
@@ -246,26 +305,54 @@ def _problem(err: Any, loc: tuple[Any, ...], data: dict[str, Any], sections: dic
     if err["type"] == "extra_forbidden":
         return (f"{key} = {_short(value)}: unknown key.{_did_you_mean(name, cls_fields)} "
                 f"Known {section} keys: {', '.join(cls_fields)}."), by_flag
-    several = isinstance(value, (list, tuple)) or (isinstance(value, str) and "," in value)
-    item = "".join(f"item {p + 1}: " if isinstance(p, int) else f"{p}: " for p in loc[2:]) if several else ""
-    if err["type"] == "literal_error" and name in cls_fields and _optional(cls_fields[name].annotation):
+    return f"{key} = {_short(value)}: {_why(err, msg, loc[2:], value, cls_fields.get(name), name)}", by_flag
+
+
+def _flag_problem(err: Any, cls: type[Options], data: dict[str, Any]) -> str:
+    """One line for one pydantic error of a command's options: the flag and its value as
+    typed (``--batch-size 0: ...``), then why."""
+    msg, loc = _message(err), err["loc"]
+    if not loc:
+        return f"{msg}."  # a check across options
+    name = str(loc[0])
+    info = cls.model_fields.get(name)
+    if info is None:  # only from Python: argparse knows the flags
+        return f"{name}: unknown option.{_did_you_mean(name, cls.model_fields)} Known options: {', '.join(cls.model_fields)}."
+    flag = name if field_extra(info).get("positional") else flag_name("", name)
+    if name not in data:
+        return f"{flag}: {msg}."
+    value = data[name]
+    typed = shlex.quote(value) if isinstance(value, str) else _short(value)
+    return f"{flag} {typed}: {_why(err, msg, loc[1:], value, info, name)}"
+
+
+def _message(err: Any) -> str:
+    return err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def _why(err: Any, msg: str, inner: tuple[Any, ...], value: Any, info: FieldInfo | None, name: str) -> str:
+    """What is wrong with one value: the item at fault for a list given as several, and what
+    the field allows unless the message already says it."""
+    several = (isinstance(value, (list, tuple)) and len(value) > 1) or (isinstance(value, str) and re.search("[,xX]", value) is not None)
+    item = "".join(f"item {p + 1}: " if isinstance(p, int) else f"{p}: " for p in inner) if several else ""
+    if err["type"] == "literal_error" and info is not None and _optional(info.annotation):
         msg += " (or none)"  # the message lists the choices
-    line = f"{key} = {_short(value)}: {item}{msg}."
-    if name in cls_fields and err["type"] not in ("literal_error", "value_error"):
-        line += f" Allowed: {allowed(name, cls_fields[name])}."
-    return line, by_flag
+    line = f"{item}{msg}."
+    if info is not None and err["type"] not in ("literal_error", "value_error"):
+        line += f" Allowed: {allowed(name, info)}."
+    return line
 
 
-def _where_and_fix(source: str, flagged: int, filed: int, num_problems: int) -> tuple[str, str]:
+def _where_and_fix(source: str, flagged: int, filed: int, num_problems: int, command: str) -> tuple[str, str]:
     if source == PYTHON_SOURCE:
         return PYTHON_SOURCE, "use the values allowed above"
     if source == FLAGS_SOURCE or (flagged and not filed):
-        return FLAGS_SOURCE, "give the flags named above a value that is allowed (`unetseg train --help` describes every option)"
+        return FLAGS_SOURCE, f"give the flags named above a value that is allowed (`{command} --help` describes every option)"
     if flagged:
         return (f"{source} and {FLAGS_SOURCE}", f"correct the flags named above on the command line and the other keys "
-                f"in {source} (`unetseg train --help` describes every option)")
+                f"in {source} (`{command} --help` describes every option)")
     return source, (f"correct {'these keys' if num_problems > 1 else 'this key'} in {source} as said above "
-                    "(`unetseg train --help` describes every option; its flag names are the keys with dashes)")
+                    f"(`{command} --help` describes every option; its flag names are the keys with dashes)")
 
 
 def _did_you_mean(name: str, known: Any) -> str:

@@ -140,7 +140,7 @@ class Segmenter:
         from unetseg.models import saved_model_options
         from unetseg.runtime import compile_on
         from unetseg.scoring import compiled_model
-        from unetseg.transforms import size_pair
+        from unetseg.options import size_pair
 
         model, config, info = load_model(model_path)
         num_outputs = saved_model_options(config).num_classes

@@ -56,11 +56,11 @@ class Source:
         per_split = [self.info.split(name).pixel_counts for name in self.splits]
         return [sum(counts) for counts in zip(*per_split)]
 
-    def image_sizes(self) -> dict[str, int]:
-        """How many samples have each ``"HxW"`` size, over the source's splits."""
-        sizes: dict[str, int] = {}
+    def image_sizes(self) -> dict[tuple[int, int], int]:
+        """How many samples have each ``(H, W)`` size, over the source's splits."""
+        sizes: dict[tuple[int, int], int] = {}
         for name in self.splits:
-            for size, n in self.info.split(name).image_sizes.items():
+            for size, n in self.info.split(name).shapes().items():
                 sizes[size] = sizes.get(size, 0) + n
         return sizes
 

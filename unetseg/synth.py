@@ -31,6 +31,7 @@ from PIL import Image, ImageFilter
 from unetseg.dataset import ClassInfo, DatasetInfo, dumps_json
 from unetseg.errors import UnetsegError
 from unetseg.imageio import encode_jpeg, encode_png
+from unetseg.options import size_pair
 from unetseg.shards import DEFAULT_SHARD_SIZE, EncodedSample, parallel_map, replace_folder, write_dataset
 
 CLASS_NAMES = ["background", "disk", "square", "triangle", "ring", "plus", "star", "crescent", "bar", "ell"]
@@ -174,17 +175,8 @@ def sample_key(split: str, index: int) -> str:
     return f"synth-{split}-{index:06d}"
 
 
-def parse_size(size: str) -> tuple[int, int]:
-    """``"HxW"`` (or one number for a square) to ``(height, width)``."""
-    try:
-        parts = [int(p) for p in size.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 16 or max(parts) > 4096:
-        raise UnetsegError(f"--size {size!r}: expected HxW with sides 16..4096. Fix: use e.g. 128x128")
-    return parts[0], parts[1]
+# A render needs room for its shapes and its outline band; beyond this it is slow for no gain.
+SIDES = (16, 4096)
 
 
 def synth(
@@ -192,7 +184,7 @@ def synth(
     *,
     train: int = 2048,
     val: int = 256,
-    size: str = "64x64",
+    size: str | int | tuple[int, int] = "64x64",
     seed: int = 0,
     format: Literal["shards", "folders"] = "shards",
     shard_size: int = DEFAULT_SHARD_SIZE,
@@ -202,7 +194,10 @@ def synth(
 ) -> DatasetInfo | Path:
     """Write the synthetic dataset to ``out`` as shards (returns the dataset description)
     or as ``images/``, ``masks/`` and ``classes.json`` that ``unetseg pack`` accepts."""
-    height, width = parse_size(size)
+    pair = size_pair(size, "--size", smallest=SIDES[0], largest=SIDES[1])
+    if pair is None:
+        raise UnetsegError("--size: none given. Fix: use e.g. 64x64")
+    height, width = pair
     if train < 1 or val < 0:
         raise UnetsegError(f"--train {train} --val {val}: need at least one train sample. Fix: use e.g. --train 512 --val 128")
     spec = SynthSpec(seed=seed, height=height, width=width)

@@ -43,9 +43,8 @@ class TrainData:
         return self.train.info.classes
 
 
-def most_common_size(image_sizes: dict[str, int]) -> list[int]:
-    size = Counter(image_sizes).most_common(1)[0][0]
-    return [int(v) for v in size.split("x")]
+def most_common_size(image_sizes: dict[tuple[int, int], int]) -> list[int]:
+    return list(Counter(image_sizes).most_common(1)[0][0])
 
 
 def ensure_default_data(config: TrainConfig, state) -> str:

@@ -1,4 +1,4 @@
-"""Evaluation-time preprocessing, shared by evaluation and prediction, and size helpers.
+"""Evaluation-time preprocessing, shared by evaluation and prediction.
 
 :class:`EvalTransform` holds no random operation at all, so training augmentation at
 evaluation cannot happen by mistake; the training augmentation is :mod:`unetseg.augment`.
@@ -7,26 +7,16 @@ evaluation cannot happen by mistake; the training augmentation is :mod:`unetseg.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as nnf
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from unetseg.errors import UnetsegError
+from unetseg.options import size_pair  # the one reading of an H,W size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def size_pair(value: int | tuple[int, int] | list[int] | None, name: str) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) == 1:
-        pair = pair * 2
-    if len(pair) != 2 or min(pair) < 1:
-        raise UnetsegError(f"{name} {value!r}: expected H,W (or one number) of positive sizes. Fix: use e.g. 256 or 360,480")
-    return int(pair[0]), int(pair[1])
 
 
 @dataclass(frozen=True)
@@ -59,7 +49,7 @@ class EvalTransform:
     nearest-resized copy when ``resize`` is set, for losses: the metrics use the mask at
     full resolution)."""
 
-    def __init__(self, config: EvalTransformConfig, ignore_index: int | None = None):
+    def __init__(self, config: EvalTransformConfig):
         self.config = config
         self.resize = size_pair(config.resize, "eval resize")
 

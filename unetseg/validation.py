@@ -99,6 +99,6 @@ def eval_model(config, device: torch.device, net: torch.nn.Module, data) -> torc
     if dc.eval_resize:
         height, width = dc.eval_resize
     else:
-        sizes = [[int(v) for v in size.split("x")] for size in data.val.info.split(dc.val_split).image_sizes]
+        sizes = list(data.val.info.split(dc.val_split).shapes())
         height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
     return compiled_model(net, dc.eval_batch_size or dc.batch_size, height, width)  # one shape inside the graph
