@@ -166,3 +166,12 @@ def test_a_resume_reads_past_a_metrics_line_cut_short_by_a_crash(tmp_path, data,
         f.write('{"step": 9, "lo')  # killed mid-write
     train(capsys, data, out, "--max-steps", "10", "--lr", "0.002", "--resume", "auto")
     assert sorted(logged(out)) == list(range(1, 11))
+
+
+@pytest.mark.parametrize("extra, said, not_said", [
+    (["--train-split", ","], "a split name is empty", "named twice"),
+    (["--loss", "ce+foo"], "unknown loss 'foo' (registered losses: ce, dice, lovasz, ohem); use e.g. ce", ".."),
+])
+def test_errors_that_misled_now_say_what_is_wrong(tmp_path, data, capsys, extra, said, not_said):
+    text = train(capsys, data, tmp_path / "run", "--max-steps", "1", *extra, code=1)
+    assert said in text and not_said not in text and "Fix:" in text

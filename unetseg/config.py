@@ -114,7 +114,8 @@ class LossConfig(Options):
         try:
             parse_loss(value)
         except UnetsegError as e:
-            raise ValueError(str(e).split(" Fix: ")[0]) from None
+            what, _, fix = str(e).partition(" Fix: ")  # the config error ends with its own Fix line
+            raise ValueError(f"{what.rstrip('.')}; {fix[:1].lower()}{fix[1:]}" if fix else what) from None
         return value.replace(" ", "")
 
     @field_validator("class_weights", mode="before")

@@ -327,7 +327,8 @@ def _flag_problem(err: Any, cls: type[Options], data: dict[str, Any]) -> str:
 
 
 def _message(err: Any) -> str:
-    return err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    # Without its final period: the report's lines add their own (a doubled ".." otherwise).
+    return err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ").rstrip(".")
 
 
 def _why(err: Any, msg: str, inner: tuple[Any, ...], value: Any, info: FieldInfo | None, name: str) -> str:

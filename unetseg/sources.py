@@ -155,6 +155,8 @@ def open_splits(data: str | os.PathLike, splits: str, dataset_json: str | os.Pat
     """The shards of one split, or of several given as ``"train,val"`` (read one after the
     other, as one source named ``train+val``); several splits need a shard folder."""
     names = [name.strip() for name in str(splits).split(",")]
+    if not all(names):
+        raise UnetsegError(f"splits {splits!r}: a split name is empty. Fix: name the splits, e.g. train or train,val")
     if len(names) == 1:
         return open_source(data, names[0], dataset_json)
     if is_pattern(data):
