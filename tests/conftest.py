@@ -130,19 +130,39 @@ def leftovers(parent: Path) -> list[str]:
 
 def corrupt(folder: Path, shard: str, which: int) -> str:
     """Replace the image of the ``which``-th sample of a shard with bytes that don't decode."""
+    return replace_image(folder, shard, which, b"\xff\xd8 broken jpeg", "jpg")
+
+
+def replace_image(folder: Path, shard: str, which: int, data: bytes, ext: str) -> str | None:
+    """Put ``data`` (stored as ``KEY.ext``) in place of the JPEG image of the ``which``-th
+    sample of a shard; returns that sample's key."""
     path = folder / shard
     with tarfile.open(path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     key = None
     with tarfile.open(path, "w") as tar:
-        for m, data in members:
-            if m.name.endswith(".jpg") and which == 0:
-                key, data = m.name.split(".")[0], b"\xff\xd8 broken jpeg"
-                m.size = len(data)
+        for m, content in members:
             if m.name.endswith(".jpg"):
+                if which == 0:
+                    key = m.name.split(".")[0]
+                    m.name, content = f"{key}.{ext}", data
+                    m.size = len(content)
                 which -= 1
-            tar.addfile(m, io.BytesIO(data))
+            tar.addfile(m, io.BytesIO(content))
     return key
+
+
+def train_tiny(data: Path, out: Path, *extra: str) -> Path:
+    """``python -m unetseg.train`` of a tiny U-Net (width 4, depth 2, batch 4, crop 32, no
+    tracker) on ``data`` into ``out``, in its own process; fails the test if it fails."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "unetseg.train", "--data", str(data), "--output-dir", str(out), "--batch-size", "4",
+           "--model-width", "4", "--model-depth", "2", "--num-workers", "0", "--tracker", "none", "--crop-size", "32",
+           *map(str, extra)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
 
 
 def run_main(command: str, argv: list, capsys) -> tuple[int, str, str]:

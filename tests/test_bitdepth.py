@@ -7,14 +7,13 @@ from __future__ import annotations
 import io
 import json
 import struct
-import tarfile
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import leftovers, make, make_folders, write_classes
+from conftest import leftovers, make, make_folders, replace_image, write_classes
 from unetseg.errors import InputProblems
 from unetseg.imageio import decode_image, to_rgb_array
 from unetseg.pack import pack
@@ -169,30 +168,11 @@ def test_eight_bit_modes_pack_and_training_reads_what_pillow_reads(tmp_path, nam
         np.testing.assert_array_equal(trained_on, to_rgb_array(Image.open(io.BytesIO(data))))
 
 
-def replace_image(folder, shard: str, which: int, data: bytes) -> str:
-    """Put ``data`` (a PNG) in place of the JPEG image of the ``which``-th sample of a shard."""
-    path = folder / shard
-    with tarfile.open(path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    key = None
-    with tarfile.open(path, "w") as tar:
-        for m, content in members:
-            if m.name.endswith(".jpg"):
-                if which == 0:
-                    key = m.name.split(".")[0]
-                    m.name, content = f"{key}.png", data
-                    m.size = len(content)
-                which -= 1
-            tar.addfile(m, io.BytesIO(content))
-    return key
-
-
 def rgb16_like(folder, split: str) -> bytes:
     """A 16-bit RGB PNG of the size of a split's (synthetic, same-size) images."""
     from unetseg.dataset import DatasetInfo
 
-    size = next(iter(DatasetInfo.load(folder).splits[split].image_sizes))
-    h, w = map(int, size.split("x"))
+    h, w = next(iter(DatasetInfo.load(folder).splits[split].shapes()))
     return png16(np.full((h, w, 3), 40000, np.uint16))
 
 
@@ -206,7 +186,7 @@ def test_training_decoder_rejects_a_16_bit_image_as_a_counted_bad_sample(tmp_pat
     with pytest.raises(ValueError, match="uint16"):
         decode_pair({"png": png16(np.zeros((2, 3, 3), np.uint16)), "mask.png": saved(Image.new("L", (3, 2)), "PNG")})
     folder = make(tmp_path, "s", train=2, val=4, size="16x16")
-    bad_key = replace_image(folder, "val-000000.tar", 1, rgb16_like(folder, "val"))
+    bad_key = replace_image(folder, "val-000000.tar", 1, rgb16_like(folder, "val"), "png")
     stats = StreamStats(max_bad_samples=3)
     stream = EvalStream(open_source(folder, "val"), EvalTransform(EvalTransformConfig()), 2)
     keys = [k for b in iterate(make_loader(stream), stats) for k in b["keys"]]
@@ -219,7 +199,7 @@ def test_verify_fails_on_what_training_rejects(tmp_path):
 
     folder = make(tmp_path, "s", train=2, val=2, size="16x16")
     assert verify_shards(folder, progress=False) == []
-    bad_key = replace_image(folder, "train-000000.tar", 0, rgb16_like(folder, "train"))
+    bad_key = replace_image(folder, "train-000000.tar", 0, rgb16_like(folder, "train"), "png")
     problems = verify_shards(folder, progress=False)
     assert len(problems) == 1 and f"sample {bad_key!r}" in problems[0] and "uint16" in problems[0], problems
 

@@ -4,10 +4,7 @@ load it with the run dir's config and dataset.json, without deep supervision's h
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +13,18 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import run_main
+from conftest import run_main, train_tiny
 from unetseg.checkpoint import load_model
 from unetseg.errors import UnetsegError
 from unetseg.synth import synth
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny run with deep supervision, checkpoints at steps 2 and 4 (its last), and its shards."""
     root = tmp_path_factory.mktemp("ckpt_eval")
     synth(root / "syn", train=8, val=4, size="32x40", shard_size=4, workers=1, progress=False)
-    cmd = [sys.executable, "-m", "unetseg.train", "--data", str(root / "syn"), "--output-dir", str(root / "run"),
-           "--max-steps", "4", "--save-every", "2", "--eval-every", "2", "--batch-size", "4", "--model-width", "4",
-           "--model-depth", "2", "--num-workers", "0", "--tracker", "none", "--crop-size", "32",
-           "--deep-supervision", "0.5"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_tiny(root / "syn", root / "run", "--max-steps", 4, "--save-every", 2, "--eval-every", 2,
+               "--deep-supervision", 0.5)
     return root / "run", root / "syn"
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import direct_predictions, make_folders, write_classes
+from conftest import direct_predictions, make_folders, train_tiny, write_classes
 from multiproc import run_distributed
 from unetseg.checkpoint import load_model
 from unetseg.scoring import TTA
@@ -28,12 +28,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny model trained for a few steps, and the shards it was trained on."""
     root = tmp_path_factory.mktemp("eval")
     synth(root / "syn", train=16, val=9, size="40x48", shard_size=4, workers=1, progress=False)
-    cmd = [sys.executable, "-m", "unetseg.train", "--data", str(root / "syn"), "--output-dir", str(root / "run"),
-           "--max-steps", "8", "--batch-size", "4", "--model-width", "4", "--model-depth", "2",
-           "--num-workers", "0", "--tracker", "none", "--crop-size", "32"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "run", root / "syn"
+    return train_tiny(root / "syn", root / "run", "--max-steps", 8), root / "syn"
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import direct_predictions
+from conftest import direct_predictions, train_tiny
 from unetseg.dataset import DatasetInfo
 from unetseg.errors import UnetsegError
 from unetseg.report import image_miou, report
@@ -31,11 +31,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny finished run with one recorded `unetseg evaluate`, and its shards."""
     root = tmp_path_factory.mktemp("report")
     synth(root / "syn", train=12, val=9, size="40x48", shard_size=4, workers=1, progress=False)
-    train = [sys.executable, "-m", "unetseg.train", "--data", str(root / "syn"), "--output-dir", str(root / "run"),
-             "--max-steps", "6", "--eval-every", "3", "--batch-size", "4", "--model-width", "4", "--model-depth", "2",
-             "--num-workers", "0", "--tracker", "none", "--crop-size", "32"]
-    result = subprocess.run(train, capture_output=True, text=True, timeout=300, env=ENV)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_tiny(root / "syn", root / "run", "--max-steps", 6, "--eval-every", 3)
     evaluate = [sys.executable, "-m", "unetseg", "evaluate", str(root / "run"), "--data", str(root / "syn"),
                 "--tta", "flip", "--out", str(root / "eval" / "report.json")]
     result = subprocess.run(evaluate, capture_output=True, text=True, timeout=300, env=ENV)
