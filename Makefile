@@ -22,8 +22,12 @@ demo: $(STAMP)
 	@run=runs/demo-$$(date +%Y%m%d-%H%M%S); \
 	$(BIN)/python -m unetseg.train --output-dir $$run && $(BIN)/python -m unetseg report $$run
 
+# Two test files at a time (pytest-xdist; each file's module fixtures stay in one worker):
+# most tests wait on single-threaded training subprocesses, so on 2 cores this takes about
+# 0.6 of a serial run (docs/benchmarks.md). TEST_JOBS=1 runs them one by one.
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile)
 
 # The report page in a real headless browser: installs Debian's chromium (apt, as root or
 # with sudo) and playwright, then runs the tests marked browser (make test skips them
