@@ -175,3 +175,9 @@ def test_a_resume_reads_past_a_metrics_line_cut_short_by_a_crash(tmp_path, data,
 def test_errors_that_misled_now_say_what_is_wrong(tmp_path, data, capsys, extra, said, not_said):
     text = train(capsys, data, tmp_path / "run", "--max-steps", "1", *extra, code=1)
     assert said in text and not_said not in text and "Fix:" in text
+
+
+def test_a_seed_beyond_32_bits_is_refused_by_name(tmp_path, data, capsys):
+    """derive_seed keeps today's streams for 32-bit parts only; a larger seed would change them."""
+    text = train(capsys, data, tmp_path / "run", "--max-steps", "1", "--seed", str(2**32), code=1)
+    assert "run.seed (--seed)" in text and "4294967296" in text and not (tmp_path / "run").exists()

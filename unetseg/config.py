@@ -160,7 +160,7 @@ class RunConfig(Options):
         "auto", description="torch.compile the model for training and validation (validation batches are padded to one "
         "shape, so it compiles once). auto: on for CUDA; on a CPU compiling takes minutes and rarely pays.")
     sync_bn: bool = Field(False, description='Convert BatchNorm to SyncBatchNorm when running on several processes.')
-    seed: int = Field(0, ge=0, description='Seed of model init, data order and augmentation.')
+    seed: int = Field(0, ge=0, lt=2**32, description='Seed of model init, data order and augmentation (32 bits: every stream is derived from it and the run position, unetseg.stream.derive_seed).')
     log_every: int = Field(10, ge=1, description='Log loss, lr and images/s every this many steps.')
     log_images: int = Field(4, ge=0, description='Validation predictions logged as images to the tracker at each evaluation.')
     max_nonfinite: int = Field(5, ge=0, description='Non-finite losses in a row (each step skipped with a warning) before the run stops.')
