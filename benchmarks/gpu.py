@@ -6,8 +6,8 @@
     python benchmarks/gpu.py --data shards/camvid --workers 4,12 --e2e-steps 300   # everything, on a GPU
 
 Part 1, the model: one training step (forward, cross-entropy, backward, AdamW step) of
-unetseg's U-Net on random in-memory batches of the given size (default 360x480, the
-CamVid frame), for each precision (fp32; bf16 autocast, the way Accelerate runs
+unetseg's U-Net on random in-memory batches of the given size (default: the crop size of
+``--e2e-config``, 352x480 for the GPU recipe), for each precision (fp32; bf16 autocast, the way Accelerate runs
 ``--mixed-precision bf16``), each memory format (contiguous, the baseline, and
 channels_last, which ``unetseg.train`` uses on CUDA) and each batch size. Reports
 images/s, the ratio to fp32 contiguous at the same batch size, and peak memory. A
@@ -34,7 +34,8 @@ left out).
 
 Prints tables and, last, one JSON object (``images_per_s`` keyed by configuration,
 ``baseline_images_per_s`` for fp32 contiguous at the largest batch size that fits,
-``best``, ``loader_images_per_s`` and ``bound`` at the first ``--workers`` count with
+``best``, ``model_images_per_s`` (the compiled rate when compiled, else the best eager
+one), ``loader_images_per_s`` and ``bound`` (the loader against ``model_images_per_s``) at the first ``--workers`` count with
 augmentation where ``auto`` puts it for ``--device``, ``loader_by_setting``,
 ``flops_per_image``, ``compiled_model_images_per_s``, ``e2e_images_per_s`` at the first
 ``--workers`` count (augmentation as ``auto`` puts it), ``e2e_by_setting``,
@@ -114,6 +115,26 @@ def flops_per_image(*, width: int, depth: int, classes: int, size: tuple[int, in
     return float(counter.get_total_flops())
 
 
+def child_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The end-to-end runs' environment: this checkout first on ``PYTHONPATH``, then what the
+    caller had there (a GPU machine may keep our dependencies in a side folder on it)."""
+    environ = dict(os.environ if environ is None else environ)
+    kept = environ.get("PYTHONPATH")
+    repo = str(Path(__file__).resolve().parents[1])
+    return {**environ, "PYTHONPATH": repo + (os.pathsep + kept if kept else "")}
+
+
+def model_size(size: str | None, config: str) -> tuple[int, int]:
+    """``--size``, or the crops the end-to-end config trains on (the GPU recipe's 352x480),
+    so that the model is timed on the shapes training feeds it."""
+    from unetseg.config import TrainConfig
+    from unetseg.options import size_pair
+
+    if size is None and Path(config).is_file():
+        size = TrainConfig.load(config).data.crop_size
+    return size_pair(size if size is not None else "360,480", "--size")
+
+
 def e2e_rate(config: str, data: str, workers: int, steps: int, extra: list[str], augment_on: str) -> float:
     """Median logged images/s of ``python -m unetseg.train`` for ``steps`` steps."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,8 +142,7 @@ def e2e_rate(config: str, data: str, workers: int, steps: int, extra: list[str],
         cmd = [sys.executable, "-m", "unetseg.train", "--config", config, "--data", data, "--num-workers", str(workers),
                "--max-steps", str(steps), "--eval-every", str(steps), "--log-every", str(max(1, steps // 10)),
                "--warmup-steps", "0", "--tracker", "none", "--augment-on", augment_on, "--output-dir", str(run), *extra]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        result = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
         if result.returncode != 0:
             raise SystemExit(f"end-to-end training failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -162,7 +182,8 @@ def loader_rate(data: str, size: tuple[int, int], batch: int, workers: int, num:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", default="360,480", help="H,W of the training batches")
+    parser.add_argument("--size", default=None, help="H,W of the training batches (default: the crop size of "
+                        "--e2e-config, else 360,480)")
     parser.add_argument("--batch-sizes", default="8,16,32")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--width", type=int, default=32)
@@ -184,9 +205,7 @@ def main() -> None:
     parser.add_argument("--loader-batches", type=int, default=40)
     args = parser.parse_args()
     device = torch.device(args.device)
-    size = tuple(int(v) for v in args.size.split(","))
-    if len(size) == 1:
-        size = (size[0], size[0])
+    size = model_size(args.size, args.e2e_config)
     cores = os.cpu_count() or 1
     workers = [int(w) for w in args.workers.split(",")] if args.workers else sorted({min(4, cores), min(12, cores)})
     peak_tflops = args.peak_tflops
@@ -260,7 +279,7 @@ def main() -> None:
     print(f"{flops / 1e9:.3g} GFLOP per image (forward + backward)"
           + (f"; model-only MFU {100 * mfu(model_rate):.1f}% of {peak_tflops:.0f} TFLOP/s" if peak_tflops else ""))
     result.update(flops_per_image=flops, compiled_model_images_per_s=round(compiled_rate, 1) if compiled_rate else None,
-                  model_mfu=mfu(model_rate))
+                  model_images_per_s=round(model_rate, 1), model_mfu=mfu(model_rate))
 
     if args.data:
         from unetseg.augment import augment_on
@@ -273,7 +292,7 @@ def main() -> None:
             print(f"loader, augmentation in {where}: {loader:.1f} images/s with {w} workers (batch "
                   f"{args.loader_batch_size}, {size[0]}x{size[1]} crops) = {loader / model_rate:.2f}x the model rate")
         loader = loaders[workers[0], auto]
-        bound = "loader" if loader < best["images_per_s"] else "model"
+        bound = "loader" if loader < model_rate else "model"  # the compiled rate when there is one
         result.update(loader_images_per_s=round(loader, 1), loader_workers=workers[0], loader_augment_on=auto,
                       bound=bound, loader_by_setting={f"{where}_w{w}": round(v, 1) for (w, where), v in loaders.items()})
         if args.e2e_steps:
