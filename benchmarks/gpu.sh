@@ -38,6 +38,7 @@ else
   echo "no nvidia-smi: no NVIDIA GPU here, so every figure below is a CPU figure" | tee "$OUT/machine.txt"
 fi
 echo "$(nproc) CPU cores" | tee -a "$OUT/machine.txt"
+"$PYTHON" benchmarks/check_imports.py | tee -a "$OUT/machine.txt"  # names what is missing, before any device time
 "$PYTHON" -c "import torch, torchvision, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'torchvision', torchvision.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT/machine.txt"
 

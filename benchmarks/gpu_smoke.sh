@@ -7,6 +7,7 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 benchmarks/check_imports.py || exit 1  # names what is missing, before any device time
 python3 -c "import torch, torchvision, accelerate; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT/gpu.txt"
 python3 benchmarks/metrics.py --repeats 20 2>&1 | tee "$OUT/metrics.txt"
 python3 -m unetseg synth --out /tmp/unetseg-syn --train 512 --val 128 --workers 8 2>&1 | tail -1

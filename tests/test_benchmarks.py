@@ -188,3 +188,14 @@ def test_gpu_model_is_timed_on_the_recipe_crops():
     assert gpu.model_size(None, str(REPO / "configs" / "camvid_gpu.yaml")) == (352, 480)
     assert gpu.model_size("64x96", str(REPO / "configs" / "camvid_gpu.yaml")) == (64, 96)
     assert gpu.model_size(None, "no/such.yaml") == (360, 480)
+
+
+def test_check_imports_names_what_is_missing_and_the_fix():
+    found = subprocess.run([sys.executable, "benchmarks/check_imports.py"], capture_output=True, text=True,
+                           cwd=REPO, env=ENV)
+    assert found.returncode == 0 and "all 15 found" in found.stdout
+    lacking = subprocess.run([sys.executable, "benchmarks/check_imports.py", "torch", "no_such_module_here"],
+                             capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert lacking.returncode == 1 and "cannot import no_such_module_here." in lacking.stderr
+    assert "gpu_wheels.sh" in lacking.stderr and "torch" not in lacking.stderr.split("Fix:")[0].split("import")[1]
+
