@@ -3,7 +3,8 @@
     python benchmarks/gpu.py --data shards/camvid            # on a GPU machine
     python benchmarks/gpu.py --device cpu --size 64,96 --batch-sizes 2 --steps 2 --warmup 1 \
         --data shards/camvid --loader-batches 2                # a quick check that it runs
-    python benchmarks/gpu.py --data shards/camvid --workers 4,12 --e2e-steps 300   # everything, on a GPU
+    python benchmarks/gpu.py --data shards/camvid --batch-sizes 8,16,32 --workers 4,12 \
+        --augment-on workers,device --e2e-steps 300                    # the full sweep, on a GPU
 
 Part 1, the model: one training step (forward, cross-entropy, backward, AdamW step) of
 unetseg's U-Net on random in-memory batches of the given size (default: the crop size of
@@ -32,7 +33,14 @@ Part 4, end to end (``--e2e-steps N``): ``python -m unetseg.train`` with ``--e2e
 the median of its logged images/s (the first log, which holds start-up and compilation,
 left out).
 
-Prints tables and, last, one JSON object (``images_per_s`` keyed by configuration,
+By default it measures what answers the throughput question and no more: batch 16 (the
+recipe's), fp32 and bf16, contiguous and channels_last, the best bf16 one compiled, 4
+loader workers and end-to-end training with augmentation where training puts it
+(``--augment-on auto``); ``--batch-sizes 8,16,32 --workers 4,12 --augment-on
+workers,device`` is the full sweep.
+
+Prints tables and a JSON line after each part (``"part"``: ``model``, ``loader``, then
+``all`` last, the whole run's), so a run cut short keeps what it finished: one JSON object (``images_per_s`` keyed by configuration,
 ``baseline_images_per_s`` for fp32 contiguous at the largest batch size that fits,
 ``best``, ``model_images_per_s`` (the compiled rate when compiled, else the best eager
 one), ``loader_images_per_s`` and ``bound`` (the loader against ``model_images_per_s``) at the first ``--workers`` count with
@@ -184,7 +192,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", default=None, help="H,W of the training batches (default: the crop size of "
                         "--e2e-config, else 360,480)")
-    parser.add_argument("--batch-sizes", default="8,16,32")
+    parser.add_argument("--batch-sizes", default="16", help="e.g. 8,16,32 for a sweep (default: the recipe's 16)")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--depth", type=int, default=4)
@@ -193,7 +201,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--data", help="shard folder for the loader part (skipped without it)")
     parser.add_argument("--workers", default=None,
-                        help="loader worker counts, e.g. 4,12 (default: 4 and 12, at most the cores)")
+                        help="loader worker counts, e.g. 4,12 (default: 4, at most the cores)")
+    parser.add_argument("--augment-on", default="auto",
+                        help="where the loader and end-to-end parts augment: auto (where training puts it on "
+                             "--device), workers, device, or workers,device for both")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="time the best bf16 configuration compiled too (auto: on for CUDA)")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak bf16 TFLOP/s, for MFU "
@@ -207,7 +218,7 @@ def main() -> None:
     device = torch.device(args.device)
     size = model_size(args.size, args.e2e_config)
     cores = os.cpu_count() or 1
-    workers = [int(w) for w in args.workers.split(",")] if args.workers else sorted({min(4, cores), min(12, cores)})
+    workers = [int(w) for w in args.workers.split(",")] if args.workers else [min(4, cores)]
     peak_tflops = args.peak_tflops
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -280,32 +291,41 @@ def main() -> None:
           + (f"; model-only MFU {100 * mfu(model_rate):.1f}% of {peak_tflops:.0f} TFLOP/s" if peak_tflops else ""))
     result.update(flops_per_image=flops, compiled_model_images_per_s=round(compiled_rate, 1) if compiled_rate else None,
                   model_images_per_s=round(model_rate, 1), model_mfu=mfu(model_rate))
+    part("model", result)
 
     if args.data:
         from unetseg.augment import augment_on
 
         auto = augment_on("auto", device)
-        settings = [(w, where) for w in workers for where in ("workers", "device")]
+        places = [auto if p == "auto" else p for p in args.augment_on.split(",")]
+        settings = [(w, where) for w in workers for where in dict.fromkeys(places)]
         loaders = {(w, where): loader_rate(args.data, size, args.loader_batch_size, w, args.loader_batches,
                                            max(2, w), where, device) for w, where in settings}
         for (w, where), loader in loaders.items():
             print(f"loader, augmentation in {where}: {loader:.1f} images/s with {w} workers (batch "
                   f"{args.loader_batch_size}, {size[0]}x{size[1]} crops) = {loader / model_rate:.2f}x the model rate")
-        loader = loaders[workers[0], auto]
+        loader = loaders[workers[0], places[0]]
         bound = "loader" if loader < model_rate else "model"  # the compiled rate when there is one
-        result.update(loader_images_per_s=round(loader, 1), loader_workers=workers[0], loader_augment_on=auto,
+        result.update(loader_images_per_s=round(loader, 1), loader_workers=workers[0], loader_augment_on=places[0],
                       bound=bound, loader_by_setting={f"{where}_w{w}": round(v, 1) for (w, where), v in loaders.items()})
+        part("loader", result)
         if args.e2e_steps:
             e2e = {(w, where): e2e_rate(args.e2e_config, args.data, w, args.e2e_steps, args.e2e_args.split(), where)
                    for w, where in settings}
             for (w, where), rate in e2e.items():
                 print(f"end to end, augmentation in {where}: {rate:.1f} images/s with {w} workers = "
                       f"{rate / model_rate:.2f}x the model rate" + (f", MFU {100 * mfu(rate):.1f}%" if peak_tflops else ""))
-            rate = e2e[workers[0], auto]
-            result.update(e2e_images_per_s=round(rate, 1), e2e_augment_on=auto,
+            rate = e2e[workers[0], places[0]]
+            result.update(e2e_images_per_s=round(rate, 1), e2e_augment_on=places[0],
                           e2e_by_setting={f"{where}_w{w}": round(v, 1) for (w, where), v in e2e.items()},
                           e2e_over_model=round(rate / model_rate, 3), mfu=mfu(rate))
-    print(json.dumps(result))
+    part("all", result)
+
+
+def part(name: str, result: dict) -> None:
+    """One JSON line of what is measured so far, as soon as a part ends: a run cut short by
+    its time limit still leaves the parts it finished (the last line is the whole run's)."""
+    print(json.dumps({"part": name, **result}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Everything worth knowing about one GPU machine, in under 8 minutes on an H100/H200:
-#  1. U-Net (width 32) training-step throughput at 360x480: fp32 and bf16, channels_last
-#     off and on, batch 8/16/32, peak memory, the best bf16 one compiled, FLOPs per image
-#     and MFU (benchmarks/gpu.py);
-#  2. the training stream's throughput at 4 and 12 workers, augmenting in the workers and
-#     on the GPU (data.augment_on), against the model rate, and real training (the GPU
-#     recipe, E2E_STEPS steps, default 300) for each: is training here input-bound?
+#  1. U-Net (width 32) training-step throughput at the recipe's 352x480 crops: fp32 and
+#     bf16, channels_last off and on, batch 16, peak memory, the best bf16 one compiled,
+#     FLOPs per image and MFU (benchmarks/gpu.py; GPU_ARGS="--batch-sizes 8,16,32
+#     --workers 4,12 --augment-on workers,device" for the full sweep);
+#  2. the training stream's throughput at 4 workers, augmenting where training puts it on
+#     a GPU (on the device), against the compiled model rate, and real training (the GPU
+#     recipe, E2E_STEPS steps, default 300): is training here input-bound? gpu.py prints a
+#     JSON line after each part, so a timeout keeps the parts that finished;
 #  3. a short CamVid training with the GPU recipe (configs/camvid_gpu.yaml, 1000 steps):
 #     end-to-end images/s and val mIoU.
 # Run from anywhere:

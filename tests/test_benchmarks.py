@@ -72,8 +72,13 @@ GPU_ARGS = ["--device", "cpu", "--size", "32,48", "--batch-sizes", "1,2", "--ste
 
 
 def test_gpu_benchmark_runs_on_cpu(syn):
-    out, text = run_json("benchmarks/gpu.py", "--data", str(syn), *GPU_ARGS, "--e2e-steps", "2", "--e2e-args",
+    out, text = run_json("benchmarks/gpu.py", "--data", str(syn), *GPU_ARGS, "--augment-on", "auto,device",
+                         "--e2e-steps", "2", "--e2e-args",
                          "--model-width 4 --model-depth 2 --batch-size 2 --crop-size 32 --mixed-precision no")
+    # A JSON line after each part, the whole run's last: a run cut short keeps what it finished.
+    parts = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert [p["part"] for p in parts] == ["model", "loader", "all"] and parts[-1] == out
+    assert "loader_images_per_s" not in parts[0] and parts[1]["loader_images_per_s"] == out["loader_images_per_s"]
     assert positive(out["flops_per_image"]) and out["compiled_model_images_per_s"] is None  # compile: auto, off on CPU
     # Each worker count, augmenting in the workers and on the device; auto is workers on a CPU.
     assert set(out["e2e_by_setting"]) == set(out["loader_by_setting"]) == {"workers_w0", "device_w0"}
