@@ -181,3 +181,28 @@ def test_a_seed_beyond_32_bits_is_refused_by_name(tmp_path, data, capsys):
     """derive_seed keeps today's streams for 32-bit parts only; a larger seed would change them."""
     text = train(capsys, data, tmp_path / "run", "--max-steps", "1", "--seed", str(2**32), code=1)
     assert "run.seed (--seed)" in text and "4294967296" in text and not (tmp_path / "run").exists()
+
+
+def test_cudnn_autotuning_is_on_for_cuda_when_the_shapes_repeat(data, monkeypatch):
+    """Issue 23.5: training set cudnn.benchmark nowhere (only benchmarks/gpu.py did)."""
+    from types import SimpleNamespace
+
+    from unetseg.config import TrainConfig
+    from unetseg.sources import open_source
+    from unetseg.train import AUTOTUNE_MAX_EVAL_SIZES, autotune_convolutions
+
+    val = open_source(data, "val")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    config = TrainConfig()
+    config.run.compile = "off"
+    assert not autotune_convolutions(config, SimpleNamespace(val=val), torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    assert autotune_convolutions(config, SimpleNamespace(val=val), torch.device("cuda"))  # one val size
+    assert torch.backends.cudnn.benchmark is True
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    split = val.info.splits["val"]
+    many = {f"{16 + i}x16": 1 for i in range(AUTOTUNE_MAX_EVAL_SIZES + 1)}
+    monkeypatch.setattr(split, "image_sizes", many)
+    assert not autotune_convolutions(config, SimpleNamespace(val=val), torch.device("cuda"))  # eager, many sizes
+    config.data.eval_resize = [32, 32]
+    assert autotune_convolutions(config, SimpleNamespace(val=val), torch.device("cuda"))  # resized: one shape

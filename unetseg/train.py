@@ -29,7 +29,7 @@ from unetseg.config import TrainConfig
 from unetseg.errors import UnetsegError
 from unetseg.flags import parse_args
 from unetseg.runstate import TrainerState, read_jsonl
-from unetseg.runtime import StopFlag
+from unetseg.runtime import StopFlag, compiled
 from unetseg.tracking import pct
 
 if TYPE_CHECKING:
@@ -160,6 +160,26 @@ def check_batch_norm(config: TrainConfig, net: torch.nn.Module, data, world: int
     )
 
 
+# Validation sizes up to which cuDNN's autotuner pays for itself in eager evaluation: each new
+# input shape is benchmarked once, then cached.
+AUTOTUNE_MAX_EVAL_SIZES = 4
+
+
+def autotune_convolutions(config: TrainConfig, data, device: torch.device) -> bool:
+    """Turn on ``torch.backends.cudnn.benchmark`` on CUDA when the shapes repeat: training
+    batches always have one shape (full batches of crops of one size); validation has one
+    when it is compiled (padded to one shape), resized, or the split holds few image sizes.
+    Returns whether it is on. Left as it was on other devices, and for a validation split of
+    many sizes, where each would be autotuned anew."""
+    if device.type != "cuda":
+        return False
+    sizes = data.val.info.splits[data.val.split].shapes() if data.val.split in data.val.info.splits else {}
+    repeats = compiled(config, device) or config.data.eval_resize is not None or len(sizes) <= AUTOTUNE_MAX_EVAL_SIZES
+    if repeats:
+        torch.backends.cudnn.benchmark = True
+    return repeats
+
+
 def build_loss(config: TrainConfig, data, device) -> torch.nn.Module:
     """The loss; padding and ignored pixels carry ``classes.ignore_label``, also when the
     dataset has no ignore_index."""
@@ -193,6 +213,7 @@ def setup(config: TrainConfig) -> Run:
     total_steps = rc.max_steps or rc.epochs * data.steps_per_epoch
     net, model, forward, optimizer, scheduler = build_model(config, accelerator, data, total_steps)
     check_batch_norm(config, net, data, accelerator.num_processes)
+    autotune_convolutions(config, data, accelerator.device)
     eval_every = rc.eval_every or data.steps_per_epoch
     setup_now = run_setup(config, accelerator.num_processes, data.train, net_options(config, data).to_dict())
     run = Run(config, accelerator, run_dir, resume_from, resumed or TrainerState(setup=setup_now), data, net, model, forward,
