@@ -230,7 +230,7 @@ def model_folder(path: str | os.PathLike) -> Path:
     """The folder to load a model from: ``path`` itself (a saved model, or a training
     checkpoint ``RUN/checkpoints/step-N``), or ``path/best`` (then ``path/final``) for a run dir."""
     path = Path(path)
-    if (path / STATE_FILE).is_file() and not (path / WEIGHTS_FILE).is_file():
+    if is_checkpoint(path) and not (path / WEIGHTS_FILE).is_file():
         raise UnetsegError(
             f"{path}: a training checkpoint without {WEIGHTS_FILE} (its model was saved in another format). "
             f"Fix: use the run's best/ or final/ folder ({path.parent.parent / 'best'})"
@@ -245,6 +245,17 @@ def model_folder(path: str | os.PathLike) -> Path:
     )
 
 
+def is_checkpoint(folder: Path) -> bool:
+    """A training checkpoint (``RUN/checkpoints/step-N``), not a saved model."""
+    return (folder / STATE_FILE).is_file()
+
+
+def owning_run(folder: Path) -> Path:
+    """The run dir a model folder belongs to: two up from a checkpoint, one up from
+    ``best/`` or ``final/``."""
+    return folder.parent.parent if is_checkpoint(folder) else folder.parent
+
+
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any], DatasetInfo]:
     """The model at ``path`` (see :func:`model_folder`), rebuilt from the registry by the
     name and options it was trained with, its config (whose ``model`` section holds those
@@ -255,7 +266,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     from unetseg.models import build_model, saved_model_options
 
     folder = model_folder(path)
-    if (folder / STATE_FILE).is_file():
+    if is_checkpoint(folder):
         config, info, options, weights = checkpoint_parts(folder, map_location)
     else:
         config = _saved_config(folder)
@@ -291,7 +302,7 @@ def checkpoint_parts(folder: Path, map_location) -> tuple[dict[str, Any], Datase
 
     from unetseg.models import saved_model_options
 
-    run_dir = folder.parent.parent
+    run_dir = owning_run(folder)
     if not ((run_dir / CONFIG_FILE).is_file() and (run_dir / DATASET_JSON).is_file()):
         raise UnetsegError(
             f"{folder}: a training checkpoint, whose {CONFIG_FILE} and {DATASET_JSON} are its run dir's, but "

@@ -23,7 +23,7 @@ from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from unetseg.errors import UnetsegError
 from unetseg.models import DEFAULT_MODEL, ModelOptions, model_options_class
-from unetseg.options import _ORIGIN, Options, Size, _items, _short, explained
+from unetseg.options import Options, Size, _items, _short, explained, from_source
 
 CLASS_WEIGHT_KINDS = ("none", "median_frequency", "inverse_log")  # as unetseg.class_weights.CLASS_WEIGHT_KINDS
 
@@ -259,8 +259,4 @@ def _validate(data: Any, source: str, from_flags: frozenset[tuple[str, str]]) ->
             "data:\n  batch_size: 8\noptim:\n  lr: 0.001")
     # Keyword names must be text; a YAML key like `1:` is then reported as unknown.
     data = {str(k): ({str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in data.items()}
-    token = _ORIGIN.set((source, from_flags))
-    try:
-        return TrainConfig(**data)
-    finally:
-        _ORIGIN.reset(token)
+    return from_source(TrainConfig, data, source, from_flags)

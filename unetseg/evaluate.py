@@ -166,11 +166,10 @@ def maybe_compiled(args: EvaluateOptions, model, device, source, resize):
 def record_in_run(folder: Path, report: dict, out: Path) -> None:
     """Append the result to the run's ``evaluations.jsonl`` (for ``unetseg report``) when
     the model is a run's best/ or final/, or one of its checkpoints."""
-    from unetseg.checkpoint import STATE_FILE
+    from unetseg.checkpoint import is_checkpoint, owning_run
     from unetseg.runstate import append_jsonl, now
 
-    checkpoint = (folder / STATE_FILE).is_file()
-    run_dir = folder.parent.parent if checkpoint else folder.parent
+    checkpoint, run_dir = is_checkpoint(folder), owning_run(folder)
     if not (run_dir / "metrics.jsonl").is_file():
         return
     record = {key: report[key] for key in ("split", "data", "tta", "eval_resize", "mIoU", "pixel_accuracy", "num_samples")}

@@ -22,7 +22,7 @@ from pydantic.fields import FieldInfo
 from unetseg.config import TrainConfig, _read_yaml, _validate
 from unetseg.errors import UnetsegError
 from unetseg.models import model_names, model_options_class
-from unetseg.options import _ORIGIN, FLAGS_SOURCE, Options, _did_you_mean, _optional, allowed, field_extra, flag_name
+from unetseg.options import FLAGS_SOURCE, Options, _did_you_mean, _optional, allowed, field_extra, flag_name, from_source
 
 
 def _section_fields():
@@ -163,8 +163,4 @@ def parse_command(cls: type[Options], description: str, argv: list[str] | None =
     by_name = {f.name: f for f in command_flags(cls)}
     args = vars(command_parser(cls, description).parse_args(argv))
     values = {name: parse_value(by_name[name], str(v).lower() if isinstance(v, bool) else v) for name, v in args.items()}
-    token = _ORIGIN.set((FLAGS_SOURCE, frozenset(("", name) for name in values)))
-    try:
-        return cls(**values)
-    finally:
-        _ORIGIN.reset(token)
+    return from_source(cls, values, FLAGS_SOURCE, frozenset(("", name) for name in values))

@@ -2,7 +2,9 @@
 
 Packing and prediction use these; they import neither torch nor torchvision, so the
 packer starts fast and forks cleanly into worker processes. Shards are read back (for
-training, evaluation and ``shards verify``) by :func:`unetseg.stream.decode_pair`.
+training, evaluation and ``shards verify``) by :func:`unetseg.stream.decode_pair`;
+:func:`decode_image` and :func:`decode_mask` are the same reading through Pillow, which
+the tests hold ``decode_pair`` to.
 
 Shards store images as JPEG or PNG (the two formats both Pillow and ``torchvision.io``
 decode) and masks as 8-bit single-channel PNGs of class ids.

@@ -129,6 +129,18 @@ class Options(BaseModel):
         return value
 
 
+def from_source(cls: type[Options], data: dict[str, Any], source: str,
+                from_flags: frozenset[tuple[str, str]] = frozenset()) -> Options:
+    """``cls(**data)``, its problems reported as coming from ``source`` (a file, or
+    :data:`FLAGS_SOURCE`), except the ``(section, key)`` pairs in ``from_flags``, named by
+    their flags."""
+    token = _ORIGIN.set((source, from_flags))
+    try:
+        return cls(**data)
+    finally:
+        _ORIGIN.reset(token)
+
+
 def _items(value: Any) -> Any:
     """A list from a list, a comma-separated string ("360,480") or one value."""
     if isinstance(value, str):

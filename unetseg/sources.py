@@ -138,13 +138,22 @@ def open_source(data: str | os.PathLike, split: str, dataset_json: str | os.Path
 
 
 def sibling_split(source: Source, split: str) -> Source:
-    """The shards of another ``split`` of the dataset ``source`` comes from: the names
-    dataset.json lists for it, in ``source``'s folder. For a ``pipe:`` pattern or shards
-    from several folders there is no such folder: an error says to pass --val-data."""
+    """The shards of another ``split`` of the dataset ``source`` comes from (the validation
+    split of the training data): the names dataset.json lists for it, in ``source``'s
+    folder. For a ``pipe:`` pattern or shards from several folders there is no such
+    folder, and a dataset may have no such split: an error says to pass --val-data."""
     if source.folder is None:
         raise UnetsegError(
             f"{' :: '.join(source.urls[:2])}: cannot tell where the {split!r} shards are (the shards do not come from "
             f"one folder or URL). Fix: pass --val-data with the {split!r} shards (a folder or pattern)"
+        )
+    if split not in source.info.splits:  # "pick one of those" would lead to validating on training shards
+        others = sorted(set(source.info.splits) - set(source.splits))
+        raise UnetsegError(
+            f"{source.folder}: no {split!r} split to validate on (dataset.json has {sorted(source.info.splits)}). Fix: "
+            "pass --val-data with validation shards, or pack again with a validation split (a val/ subfolder of "
+            "--images and --masks, or --val-fraction 0.1 for flat folders)"
+            f"{f', or pass --val-split with one of {others}' if others else ''}"
         )
     s = source.info.split(split, source=_join(source.folder, DATASET_JSON))
     return Source(urls=[_join(source.folder, n) for n in s.shards], counts=list(s.shard_num_samples), info=source.info,

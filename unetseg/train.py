@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from unetseg.checkpoint import WEIGHTS_FILE
+from unetseg.checkpoint import WEIGHTS_FILE, load_checkpoint
 from unetseg.config import TrainConfig
 from unetseg.errors import UnetsegError
 from unetseg.flags import parse_args
@@ -173,7 +173,7 @@ def autotune_convolutions(config: TrainConfig, data, device: torch.device) -> bo
     many sizes, where each would be autotuned anew."""
     if device.type != "cuda":
         return False
-    sizes = data.val.info.splits[data.val.split].shapes() if data.val.split in data.val.info.splits else {}
+    sizes = data.val.info.split(data.val.split).shapes()
     repeats = compiled(config, device) or config.data.eval_resize is not None or len(sizes) <= AUTOTUNE_MAX_EVAL_SIZES
     if repeats:
         torch.backends.cudnn.benchmark = True
@@ -198,7 +198,6 @@ def build_loss(config: TrainConfig, data, device) -> torch.nn.Module:
 
 def setup(config: TrainConfig) -> Run:
     """Build the run, on every rank the same way, and load the checkpoint to resume from."""
-    from unetseg.checkpoint import load_checkpoint
     from unetseg.runstate import check_setup, choose_start, run_setup
     from unetseg.runtime import check_sync_bn, process_state
     from unetseg.train_data import batch_hook, open_train_data
@@ -224,11 +223,11 @@ def setup(config: TrainConfig) -> Run:
         check_schedule_length(run)
     if resume_from and not (finished(run) and (run_dir / "final" / WEIGHTS_FILE).is_file()):
         check_setup(run.state.setup, setup_now, resume_from)
-        load_resumed(run, load_checkpoint)
+        load_resumed(run)
     return run
 
 
-def load_resumed(run: Run, load_checkpoint: Callable[[Any, Path], None]) -> None:
+def load_resumed(run: Run) -> None:
     """Weights, optimiser moments, RNG states and the data position from the checkpoint;
     every optimiser hyperparameter and the lr schedule from the config, at the resumed step.
 

@@ -68,14 +68,6 @@ def open_sources(config: TrainConfig, data: str, state=None):
 
     dc = config.data
     train = open_splits(data, dc.train_split, dc.dataset_json)
-    if not dc.val_data and train.folder is not None and dc.val_split not in train.info.splits:
-        others = sorted(set(train.info.splits) - set(train.splits))
-        raise UnetsegError(
-            f"{data}: no {dc.val_split!r} split to validate on (dataset.json has {sorted(train.info.splits)}). Fix: "
-            "pass --val-data with validation shards, or pack again with a validation split (a val/ subfolder of "
-            "--images and --masks, or --val-fraction 0.1 for flat folders)"
-            f"{f', or pass --val-split with one of {others}' if others else ''}"
-        )
     val = open_source(dc.val_data, dc.val_split, dc.dataset_json) if dc.val_data else sibling_split(train, dc.val_split)
     if train.num_samples is None:
         raise UnetsegError(f"{data}: the training shards' sample counts are unknown. Fix: use shard names listed in dataset.json")
