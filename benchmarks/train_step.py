@@ -4,8 +4,9 @@
 
 Both train the same U-Net with AdamW and cross-entropy on the same in-memory batches
 for the same number of steps. unetseg's loop is `unetseg.train.train` with the batches
-handed in (no stream): Accelerate, the agreed non-finite/stop check (one tiny
-all-reduce per micro-batch, a no-op in one process), the schedule, logging and a
+handed in (no stream): Accelerate, the fused AdamW that skips a non-finite step on the
+device, the agreed non-finite/stop check (one tiny all-reduce per optimiser step, none in
+one process), the schedule, logging and a
 checkpoint at the end (excluded: images/s comes from its metrics.jsonl, which leaves
 evaluation and saving out). Prints a table and, last, one JSON object.
 """

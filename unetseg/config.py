@@ -163,7 +163,7 @@ class RunConfig(Options):
     seed: int = Field(0, ge=0, lt=2**32, description='Seed of model init, data order and augmentation (32 bits: every stream is derived from it and the run position, unetseg.stream.derive_seed).')
     log_every: int = Field(10, ge=1, description='Log loss, lr and images/s every this many steps.')
     log_images: int = Field(4, ge=0, description='Validation predictions logged as images to the tracker at each evaluation.')
-    max_nonfinite: int = Field(5, ge=0, description='Non-finite losses in a row (each step skipped with a warning) before the run stops.')
+    max_nonfinite: int = Field(5, ge=0, description='Non-finite losses in a row before the run stops. Each such step is skipped; they are counted on the device and read when the loop logs or saves, so the run stops (with a warning before) at the first log or save with at least this many in a row.')
 
     @field_validator("channels_last", "compile", mode="before")
     @classmethod

@@ -157,6 +157,10 @@ def build_optimizer(
     ``adam`` and ``sgd`` it is torch's L2 penalty added to the gradient. ``betas`` and
     ``eps`` are for the Adam family, ``momentum`` and ``nesterov`` for ``sgd``.
 
+    Fused: one kernel per step for all parameters (CPU and CUDA), and a device-side
+    ``found_inf`` that skips a step without the host waiting for the device
+    (:func:`unetseg.train.optimizer_step`).
+
     Raises:
         UnetsegError: an unknown name or an out-of-range value, naming it and the fix.
     """
@@ -172,14 +176,15 @@ def build_optimizer(
             raise UnetsegError(f"optimizer: momentum {momentum!r} must be a finite number >= 0. Fix: use e.g. 0.9")
         if nesterov and momentum == 0:
             raise UnetsegError("optimizer: nesterov needs a momentum > 0, got momentum 0. Fix: set momentum (e.g. 0.9) or turn nesterov off")
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=bool(nesterov), weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=bool(nesterov), weight_decay=weight_decay,
+                               fused=True)
     betas = tuple(betas)
     if len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
         raise UnetsegError(f"optimizer: betas {betas!r} must be two numbers in [0, 1). Fix: use e.g. (0.9, 0.999)")
     if not (_is_number(eps) and eps > 0):
         raise UnetsegError(f"optimizer: eps {eps!r} must be a finite number > 0. Fix: use e.g. 1e-8")
     cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
 
 
 # --------------------------------------------------------------------------- schedules

@@ -96,8 +96,12 @@ class FixedShape(nn.Module):
 
 def compiled_model(net: nn.Module, batch: int, height: int = 0, width: int = 0) -> FixedShape:
     """``torch.compile(net)`` behind a :class:`FixedShape` at ``net``'s own padding multiple:
-    for evaluation (``height`` x ``width``: the largest input) and prediction (any size)."""
-    return FixedShape(torch.compile(net), batch, height, width, getattr(net, "pad_multiple", 32))
+    for evaluation (``height`` x ``width``: the largest input, so every batch has one shape
+    and compiles to one static graph) and prediction (no minimum: inputs of many sizes, for
+    which torch makes the sizes symbolic once a second one comes)."""
+    one_shape = height > 0 and width > 0
+    return FixedShape(torch.compile(net, dynamic=False if one_shape else None), batch, height, width,
+                      getattr(net, "pad_multiple", 32))
 
 
 @torch.no_grad()

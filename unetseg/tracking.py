@@ -153,17 +153,25 @@ class Reporter:
     def restart_clock(self) -> None:
         self.window_start, self.window_steps = time.perf_counter(), 0
 
+    def due(self, stopped: bool) -> bool:
+        """Whether :meth:`log_step` logs after the step just taken."""
+        step, rc = self.run.state.step, self.run.config.run
+        return step % rc.log_every == 0 or step == self.run.total_steps or stopped
+
     def log_step(self, lr: float, stopped: bool) -> None:
         from unetseg.distributed import all_reduce_sum
         from unetseg.runstate import append_jsonl
 
         run, step = self.run, self.run.state.step
         self.window_steps += 1
-        if not (step % run.config.run.log_every == 0 or step == run.total_steps or stopped):
+        if not self.due(stopped):
             return
         world, device = run.accelerator.num_processes, run.accelerator.device
-        finite = [loss for loss in self.losses if torch.isfinite(loss)]
-        loss_mean = all_reduce_sum(torch.stack(finite).mean().reshape(1) if finite else torch.zeros(1, device=device)) / world
+        # The mean of the finite losses, on the device: one read for the whole window.
+        losses = torch.stack(self.losses) if self.losses else torch.zeros(0, device=device)
+        finite = torch.isfinite(losses)
+        mean = torch.where(finite, losses, 0).sum() / finite.sum().clamp(min=1)
+        loss_mean = all_reduce_sum(mean.reshape(1)) / world
         images = self.window_steps * run.config.optim.grad_accum * run.config.data.batch_size * world
         record = {"step": step, "epoch": (step - 1) // run.data.steps_per_epoch, "lr": lr,
                   "loss": round(float(loss_mean), 6),

@@ -8,7 +8,7 @@ Read it bottom up from :func:`train` and :func:`loop`: :func:`setup` builds a :c
 evaluation every ``eval_every`` steps is :class:`~unetseg.validation.Validation`'s, the
 log :class:`~unetseg.tracking.Reporter`'s; :func:`save` checkpoints every ``save_every``
 steps.
-SIGTERM/SIGINT stop the loop cleanly between micro-batches. The run dir gets
+SIGTERM/SIGINT stop the loop cleanly after the optimiser step in progress. The run dir gets
 ``config.yaml``, ``dataset.json``, ``metrics.jsonl``, ``sessions.jsonl`` (each start and
 end: command, time, hardware), ``checkpoints/``, ``best/`` and ``final/``.
 """
@@ -68,6 +68,8 @@ class Run:
     save_every: int
     tracker: tuple[str | None, dict[str, Any]] = (None, {})
     """``log_with`` and ``init_kwargs`` of the tracker, started once the resume point is known."""
+    guard: StepGuard | None = None
+    """The agreement after each backward and the count of skipped steps (:class:`StepGuard`)."""
 
     @property
     def main(self) -> bool:
@@ -135,7 +137,9 @@ def build_model(config: TrainConfig, accelerator, data, total_steps: int) -> tup
     scheduler = build_scheduler(optimizer, oc.scheduler, total_steps=total_steps, warmup_steps=oc.warmup_steps,
                                 power=oc.power, min_lr_ratio=oc.min_lr_ratio)
     model, optimizer = accelerator.prepare(trained, optimizer)
-    forward = torch.compile(model) if compiled(config, accelerator.device) else model
+    # Every training batch has one shape (full batches of one crop size): one static graph,
+    # rather than a second compile that makes the sizes symbolic (slower kernels).
+    forward = torch.compile(model, dynamic=False) if compiled(config, accelerator.device) else model
     return net, model, forward, optimizer, scheduler
 
 
@@ -219,6 +223,7 @@ def setup(config: TrainConfig) -> Run:
               optimizer, scheduler, build_loss(config, data, accelerator.device),
               batch_hook(config, accelerator.device, data),
               eval_model(config, accelerator.device, net, data), total_steps, eval_every, rc.save_every or eval_every, tracker)
+    run.guard = StepGuard(accelerator.device, accelerator.num_processes, run.state.nonfinite_streak, run.state.step)
     if resume_from:
         check_schedule_length(run)
     if resume_from and not (finished(run) and (run_dir / "final" / WEIGHTS_FILE).is_file()):
@@ -243,6 +248,11 @@ def load_resumed(run: Run) -> None:
     load_checkpoint(run.accelerator, run.resume_from)
     for group, values in zip(run.optimizer.param_groups, hyper, strict=True):
         group.update(values)
+        if group.get("fused"):  # a checkpoint of an unfused optimiser keeps its step counts on the host
+            for param in group["params"]:
+                state = run.optimizer.state.get(param, {})
+                if "step" in state:
+                    state["step"] = state["step"].to(param.device, torch.float32)
     schedule_at(run.scheduler, run.state.step)
 
 
@@ -307,11 +317,16 @@ def start_reporting(run: Run) -> None:
 
 def train_step(run: Run, batches: Iterator[dict[str, Any]], stop: StopFlag, losses: list[torch.Tensor]) -> tuple[float, bool]:
     """One optimiser step over ``grad_accum`` micro-batches (skipped when any rank's loss is
-    not finite); returns the step's learning rate and whether a stop was requested."""
-    from unetseg.distributed import all_reduce_sum
+    not finite); returns the step's learning rate and whether a stop was requested.
 
+    Nothing here waits for the device on a single process: the finiteness of the loss stays
+    a device tensor, and the fused optimiser skips its update on it (as it does for a
+    GradScaler's overflow). Several processes agree on it and on a stop with one tiny
+    all-reduce per optimiser step, read once: the only sync. Every rank runs backward on
+    every micro-batch, finite or not, so no rank can leave the others waiting in the
+    gradient all-reduce."""
     accelerator, accum, ts = run.accelerator, run.config.optim.grad_accum, run.state
-    skip = stopped = False
+    bad = None  # a device bool: some micro-batch's loss was not finite
     for micro in range(accum):
         batch = run.hook(next(batches))
         # Gradients are all-reduced on the last micro-batch only.
@@ -319,45 +334,77 @@ def train_step(run: Run, batches: Iterator[dict[str, Any]], stop: StopFlag, loss
         with sync:
             with accelerator.autocast():
                 loss = run.loss_fn(run.forward(batch["image"]), batch["mask"])
-            # Every rank must agree before backward (a rank skipping it alone would hang the
-            # gradient all-reduce); the same tiny all-reduce carries the stop flag. A CPU-GPU
-            # sync point, once per micro-batch.
-            agree = all_reduce_sum(torch.tensor([float(not torch.isfinite(loss)), float(stop.requested)],
-                                                device=accelerator.device))
-            stopped = stopped or bool(agree[1] > 0)
-            if agree[0] > 0:
-                skip = True
-            elif not skip:
-                accelerator.backward(loss / accum)
-        losses.append(loss.detach().float())
-    if skip:
-        skip_step(run)
-    else:
-        ts.nonfinite_streak = 0
-        if run.config.optim.grad_clip > 0:
-            accelerator.clip_grad_norm_(run.model.parameters(), run.config.optim.grad_clip)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss / accum)
+        loss = loss.detach().float()
+        losses.append(loss)
+        bad = ~torch.isfinite(loss) if bad is None else bad | ~torch.isfinite(loss)
+    skip, stopped = run.guard.agree(bad, stop.requested)
+    if run.config.optim.grad_clip > 0:
+        accelerator.clip_grad_norm_(run.model.parameters(), run.config.optim.grad_clip)
+    optimizer_step(run.optimizer, skip)
+    run.optimizer.zero_grad(set_to_none=True)
     # The lr is a function of the step count alone: the schedule steps on every step.
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
     ts.step += 1
+    run.guard.count(skip)
     return lr, stopped
 
 
-def skip_step(run: Run) -> None:
-    """Drop a step whose loss was not finite; stop after ``max_nonfinite`` in a row."""
-    ts, max_nonfinite = run.state, run.config.run.max_nonfinite
-    run.optimizer.zero_grad(set_to_none=True)
-    ts.nonfinite_streak += 1
-    if run.main:
-        print(f"warning: non-finite loss at step {ts.step + 1}; step skipped "
-              f"({ts.nonfinite_streak} in a row, the run stops at {max_nonfinite})", flush=True)
-    if ts.nonfinite_streak >= max_nonfinite:
-        raise UnetsegError(
-            f"{ts.nonfinite_streak} non-finite losses in a row (step {ts.step + 1}). Fix: lower --lr, "
-            "add --warmup-steps or --grad-clip 1.0, or use --mixed-precision bf16 instead of fp16"
-        )
+def optimizer_step(optimizer: Any, skip: torch.Tensor) -> None:
+    """Step ``optimizer`` unless ``skip`` (a device bool) holds. A fused optimiser reads it on
+    the device (its ``found_inf``, which leaves weights, moments and step count as they were);
+    any other reads it here, one sync per step. Under fp16 the GradScaler sets its own
+    ``found_inf`` from the gradients, which a non-finite loss makes non-finite too."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimiser
+    if all(group.get("fused") for group in inner.param_groups):
+        inner.grad_scale, inner.found_inf = None, skip.float()
+        optimizer.step()
+    elif not bool(skip):
+        optimizer.step()
+
+
+class StepGuard:
+    """What the ranks agree on after each step's backward (a non-finite loss, a stop), and the
+    steps skipped for a non-finite loss, counted on the device; :meth:`settle` reads the
+    count (when the loop logs or saves) and stops a run that keeps failing."""
+
+    def __init__(self, device: torch.device, world: int, streak: int, step: int):
+        self.world, self.since = world, step
+        self.streak = torch.tensor(streak, device=device)  # non-finite steps in a row, up to now
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)  # since step ``since``
+        # A stop is requested on the host; these stand for it on the device with no copy.
+        self.flags = torch.zeros((), device=device), torch.ones((), device=device)
+
+    def agree(self, bad: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:
+        """(skip the step, stop after it), the same on every rank."""
+        if self.world == 1:
+            return bad, stop
+        from unetseg.distributed import all_reduce_sum
+
+        agreed = all_reduce_sum(torch.stack([bad.float(), self.flags[stop]]))
+        return agreed[0] > 0, bool(agreed[1] > 0)  # the step's one sync
+
+    def count(self, skipped: torch.Tensor) -> None:
+        self.streak = torch.where(skipped, self.streak + 1, 0)
+        self.skipped += skipped
+
+    def settle(self, run: Run) -> None:
+        """Warn of the steps skipped since the last call, keep the streak in the trainer
+        state (for the checkpoint), and stop after ``max_nonfinite`` in a row."""
+        streak, skipped = torch.stack([self.streak, self.skipped]).tolist()
+        ts, max_nonfinite = run.state, run.config.run.max_nonfinite
+        ts.nonfinite_streak = streak
+        if skipped and run.main:
+            print(f"warning: non-finite loss in {skipped} of the {ts.step - self.since} steps up to step {ts.step}, "
+                  f"each skipped ({streak} in a row now; the run stops at {max_nonfinite})", flush=True)
+        self.skipped.zero_()
+        self.since = ts.step
+        if streak and streak >= max_nonfinite:
+            raise UnetsegError(
+                f"{streak} non-finite losses in a row (steps {ts.step - streak + 1} to {ts.step}). Fix: lower --lr, "
+                "add --warmup-steps or --grad-clip 1.0, or use --mixed-precision bf16 instead of fp16"
+            )
 
 
 # --- checkpoints -------------------------------------------------------------------------
@@ -366,6 +413,7 @@ def skip_step(run: Run) -> None:
 def save(run: Run) -> None:
     from unetseg.checkpoint import save_checkpoint
 
+    run.guard.settle(run)  # the streak, as the checkpoint records it
     save_checkpoint(run.accelerator, run.run_dir, run.state.step, run.state.__dict__.copy(),
                     run.config.run.keep_checkpoints)
 
@@ -423,6 +471,8 @@ def loop(run: Run, stop: StopFlag, batches: Iterator[dict[str, Any]] | None) -> 
             reporter.restart_clock()  # images/s counts training only
         while ts.step < run.total_steps and not stopped:
             lr, stopped = train_step(run, batches, stop, reporter.losses)
+            if reporter.due(stopped):
+                run.guard.settle(run)
             reporter.log_step(lr, stopped)
             last_step = ts.step == run.total_steps
             if ts.step % run.data.steps_per_epoch == 0 or last_step:

@@ -13,6 +13,12 @@ Test hooks, from the environment:
   scored its first batch (a stop that arrives during an evaluation).
 - ``FAIL_SAVE=R:STEP``: on rank R, writing the checkpoint of step STEP fails as on a full
   disk (``OSError`` ENOSPC, after a part of it is written).
+- ``NAN_LOSS=R:CALL``: on rank R, the CALL-th training loss (counting micro-batches from 1)
+  is NaN (one rank's loss failing alone).
+- Always recorded: ``syncs``, for each call of ``train_step``, how many times it read a
+  tensor's value on the host (``aten._local_scalar_dense``: ``.item()``, ``bool()``,
+  ``float()`` of a tensor; on a GPU each is a wait for the device), leaving out the
+  loader's reads while it yields a batch (host tensors, even on a GPU machine).
 - ``SLOW_SAVE=MARKER``: the first checkpoint written while MARKER does not exist takes 30 s
   more, after its files are written and before it is complete (MARKER is created then,
   holding this pid): time for a test to kill the process in the middle of a save.
@@ -27,6 +33,9 @@ from pathlib import Path
 
 import accelerate
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import unetseg.train as train
 
 import unetseg.checkpoint as checkpoint
 import unetseg.scoring as scoring
@@ -38,6 +47,7 @@ rank = os.environ.get("RANK", "0")
 (out / f"pid{rank}").write_text(str(os.getpid()))  # for tests that signal one rank
 keys: list[list[str]] = []
 first_forward: dict[str, str] = {}
+syncs: list[int] = []
 original_batches = stream.TrainStream._batches
 
 
@@ -78,7 +88,7 @@ original_end = accelerate.Accelerator.end_training
 
 def end_training(self):
     model = self.unwrap_model(self._models[0])
-    record = {"keys": keys, "params": digest(model.named_parameters()), "buffers": digest(model.named_buffers()),
+    record = {"keys": keys, "syncs": syncs, "params": digest(model.named_parameters()), "buffers": digest(model.named_buffers()),
               "first_forward": first_forward}
     (out / f"rank{self.process_index}.json").write_text(json.dumps(record))
     original_end(self)
@@ -129,5 +139,53 @@ if "FAIL_SAVE" in os.environ or "SLOW_SAVE" in os.environ:
         return result
 
     accelerate.Accelerator.save_state = save_state
+
+
+
+class CountHostReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.reads, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not self.paused:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+original_step = train.train_step
+
+
+def counted_step(run, batches, *a, **kw):
+    def loader():
+        while True:
+            mode.paused = True
+            try:
+                batch = next(batches)
+            finally:
+                mode.paused = False
+            yield batch
+
+    with CountHostReads() as mode:
+        result = original_step(run, loader(), *a, **kw)
+    syncs.append(mode.reads)
+    return result
+
+
+train.train_step = counted_step
+
+if "NAN_LOSS" in os.environ:
+    import unetseg.losses as losses
+
+    nan_rank, _, nan_call = os.environ["NAN_LOSS"].partition(":")
+    original_loss = losses.SegmentationLoss.forward
+    calls = [0]
+
+    def nan_loss(self, *a, **kw):
+        loss = original_loss(self, *a, **kw)
+        calls[0] += 1
+        return loss * float("nan") if rank == nan_rank and calls[0] == int(nan_call) else loss
+
+    losses.SegmentationLoss.forward = nan_loss
 
 main(args)
