@@ -272,7 +272,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         config = _saved_config(folder)
         info, options = DatasetInfo.load(folder), saved_model_options(config)
         weights = load_file(folder / WEIGHTS_FILE, device=str(map_location))
-    model = build_model(options)
+    model = build_model(options.for_saved_weights())  # its own weights come next: nothing to fetch
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -281,6 +281,13 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
             f"({str(e).splitlines()[0]}). Fix: use a best/ or final/ folder written by `unetseg train`"
         ) from None
     return model, config, info
+
+
+def normalization(config: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a saved model's input is normalised with, from its config."""
+    from unetseg.models import saved_model_options
+
+    return saved_model_options(config).normalization()
 
 
 def _saved_config(folder: Path) -> dict[str, Any]:

@@ -75,6 +75,8 @@ class OptimConfig(Options):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description='Final learning rate as a fraction of the peak.')
     grad_clip: float = Field(0.0, ge=0, description='Clip the gradient norm to this; 0 is off.')
     grad_accum: int = Field(1, ge=1, description='Micro-batches accumulated per optimiser step.')
+    encoder_lr_mult: float = Field(1.0, ge=0, description='Learning rate of a pretrained encoder (model.encoder) as a multiple of lr; e.g. 0.1 to change pretrained weights less than the new decoder.')
+    encoder_freeze_steps: int = Field(0, ge=0, description='Steps at the start with the pretrained encoder frozen (its lr 0) while the decoder learns; 0 is off.')
 
     _betas_items = field_validator("betas", mode="before")(_items)
 

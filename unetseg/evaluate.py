@@ -95,7 +95,7 @@ def check_classes(model_classes, data_classes, model_path: str, data: str) -> No
 
 def run(args: EvaluateOptions) -> SegmentationMetrics:
     """Evaluate as ``args`` say; every process returns the same (reduced) metrics."""
-    from unetseg.checkpoint import load_model, model_folder
+    from unetseg.checkpoint import load_model, model_folder, normalization
     from unetseg.runtime import make_accelerator
     from unetseg.sources import open_source
 
@@ -107,7 +107,7 @@ def run(args: EvaluateOptions) -> SegmentationMetrics:
     if source.num_samples == 0 or not source.urls:
         raise UnetsegError(f"{source.describe()} has no samples to evaluate. Fix: pick another --split")
     resize = args.eval_resize if args.eval_resize is not None else config.get("data", {}).get("eval_resize")
-    result, stats = score(args, accelerator, model, source, model_info.classes, resize)
+    result, stats = score(args, accelerator, model, source, model_info.classes, resize, normalization(config))
     bad = stats.reduce()
     expected = source.num_samples
     missing = expected - result.num_samples if expected is not None else bad
@@ -131,7 +131,7 @@ def run(args: EvaluateOptions) -> SegmentationMetrics:
     return result
 
 
-def score(args: EvaluateOptions, accelerator, model, source, classes, resize):
+def score(args: EvaluateOptions, accelerator, model, source, classes, resize, norm):
     """This split's reduced metrics, every sample once over all processes, and the stream's
     record of unreadable samples (read whatever fails, with no budget, so that the error
     lists every bad sample)."""
@@ -142,7 +142,7 @@ def score(args: EvaluateOptions, accelerator, model, source, classes, resize):
 
     predictor = TTA(maybe_compiled(args, model.to(accelerator.device).eval(), accelerator.device, source, resize), args.tta)
     stats = StreamStats(max_bad_samples=None)
-    stream = EvalStream(source, EvalTransform(EvalTransformConfig(resize=resize)), args.batch_size,
+    stream = EvalStream(source, EvalTransform(EvalTransformConfig(resize=resize, mean=norm[0], std=norm[1])), args.batch_size,
                         rank=accelerator.process_index, world_size=accelerator.num_processes, max_bad_samples=None)
     cm, _ = confusion_matrix(predictor, iterate(make_loader(stream, args.num_workers), stats), classes.num_classes,
                              classes.ignore_label, classes.names, accelerator.device, accelerator.autocast)

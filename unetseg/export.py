@@ -113,13 +113,12 @@ def default_size(config: dict[str, Any], info) -> tuple[int, int]:
 
 def _metadata(options, config: dict[str, Any], info) -> str:
     from unetseg import __version__
-    from unetseg.transforms import IMAGENET_MEAN, IMAGENET_STD
-
+    mean, std = options.normalization()
     return json.dumps({
         "input": "image: float32 N x 3 x H x W, RGB scaled to [0, 1], then (x - mean) / std",
         "output": "logits: float32 N x num_classes x H x W; argmax over dim 1 gives class ids",
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(mean),
+        "std": list(std),
         "eval_resize": (config.get("data") or {}).get("eval_resize"),
         "classes": info.classes.to_dict(),
         "model": options.to_dict(),

@@ -111,7 +111,17 @@ def _is_number(value: Any) -> bool:
 # --------------------------------------------------------------------------- optimisers
 
 
-def param_groups(params_or_model: nn.Module | Iterable[Any], weight_decay: float) -> list[dict[str, Any]]:
+def pretrained_encoder(model: nn.Module) -> nn.Module | None:
+    """The pretrained encoder inside ``model`` (a model's ``pretrained_encoder()``, looked
+    for through wrappers such as deep supervision's), or None."""
+    for module in model.modules():
+        if callable(getattr(module, "pretrained_encoder", None)):
+            return module.pretrained_encoder()
+    return None
+
+
+def param_groups(params_or_model: nn.Module | Iterable[Any], weight_decay: float,
+                 encoder_lr: float | None = None) -> list[dict[str, Any]]:
     """Split trainable parameters into a decayed and a non-decayed group.
 
     Parameters with more than one dimension (convolution and linear weights) are
@@ -120,8 +130,21 @@ def param_groups(params_or_model: nn.Module | Iterable[Any], weight_decay: float
     them pulls the normalisation scale towards 0 and helps nothing. Frozen
     parameters (``requires_grad=False``) are left out; empty groups are dropped.
     Given param-group dicts, they are returned as they are.
+
+    With ``encoder_lr`` and a model with a pretrained encoder, the encoder's parameters
+    form two groups of their own (marked ``"encoder": True``) at that lr, after the others:
+    the first group, whose lr the log shows, is the decoder's.
     """
     if isinstance(params_or_model, nn.Module):
+        encoder = pretrained_encoder(params_or_model) if encoder_lr is not None else None
+        if encoder is not None:
+            inside = {id(p) for p in encoder.parameters()}
+            rest = [p for p in params_or_model.parameters() if id(p) not in inside and p.requires_grad]
+            own = [p for p in encoder.parameters() if p.requires_grad]
+            groups = param_groups(rest, weight_decay) if rest else []
+            for group in param_groups(own, weight_decay):
+                groups.append({**group, "lr": encoder_lr, "encoder": True, "name": "encoder_" + group["name"]})
+            return groups
         params = [p for p in params_or_model.parameters() if p.requires_grad]
     else:
         params = list(params_or_model)
@@ -149,13 +172,15 @@ def build_optimizer(
     eps: float = 1e-8,
     momentum: float = 0.9,
     nesterov: bool = False,
+    encoder_lr_mult: float = 1.0,
 ) -> torch.optim.Optimizer:
     """An ``adamw`` (default), ``adam`` or ``sgd`` optimiser over :func:`param_groups`.
 
     Weight decay applies to parameters with more than one dimension only (no decay
     on biases and normalisation weights). For ``adamw`` it is decoupled (AdamW); for
     ``adam`` and ``sgd`` it is torch's L2 penalty added to the gradient. ``betas`` and
-    ``eps`` are for the Adam family, ``momentum`` and ``nesterov`` for ``sgd``.
+    ``eps`` are for the Adam family, ``momentum`` and ``nesterov`` for ``sgd``. A model with
+    a pretrained encoder has it in groups of their own at ``lr * encoder_lr_mult``.
 
     Fused: one kernel per step for all parameters (CPU and CUDA), and a device-side
     ``found_inf`` that skips a step without the host waiting for the device
@@ -170,7 +195,9 @@ def build_optimizer(
         raise UnetsegError(f"optimizer: learning rate {lr!r} must be a finite number > 0. Fix: use e.g. 1e-3")
     if not (_is_number(weight_decay) and weight_decay >= 0):
         raise UnetsegError(f"optimizer: weight_decay {weight_decay!r} must be a finite number >= 0. Fix: use e.g. 1e-4, or 0")
-    groups = param_groups(params_or_model, weight_decay)
+    if not (_is_number(encoder_lr_mult) and encoder_lr_mult >= 0):
+        raise UnetsegError(f"optimizer: encoder_lr_mult {encoder_lr_mult!r} must be a finite number >= 0. Fix: use e.g. 0.1")
+    groups = param_groups(params_or_model, weight_decay, lr * encoder_lr_mult)
     if name == "sgd":
         if not (_is_number(momentum) and momentum >= 0):
             raise UnetsegError(f"optimizer: momentum {momentum!r} must be a finite number >= 0. Fix: use e.g. 0.9")
@@ -276,6 +303,10 @@ def _factor(schedule: LRSchedule, step: int) -> float:
     return schedule.factor(step)
 
 
+def _frozen_factor(schedule: LRSchedule, frozen_steps: int, step: int) -> float:
+    return 0.0 if step < frozen_steps else schedule.factor(step)
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     name: str = "poly",
@@ -284,6 +315,7 @@ def build_scheduler(
     warmup_steps: int = 0,
     power: float = 0.9,
     min_lr_ratio: float = 0.0,
+    encoder_freeze_steps: int = 0,
 ) -> LambdaLR:
     """A ``LambdaLR`` over ``optimizer`` following :class:`LRSchedule` (see the module doc).
 
@@ -292,13 +324,20 @@ def build_scheduler(
     whole steps (the batches of an epoch divided by the gradient accumulation, no
     remainder). Step it once per optimiser step yourself (see the module doc), and do
     not pass it to ``accelerator.prepare``.
-    Each param group's lr at construction is its base lr.
+    Each param group's lr at construction is its base lr. The groups of a pretrained
+    encoder (``"encoder": True``) get lr 0 for their first ``encoder_freeze_steps`` steps,
+    then the schedule: the encoder is frozen while the decoder learns (its BatchNorm
+    statistics still follow the data, and its Adam moments gather the gradients).
     """
     schedule = LRSchedule(name=name, total_steps=total_steps, warmup_steps=warmup_steps, power=power,
                           min_lr_ratio=min_lr_ratio)
     # A partial, not a lambda or a bound method: LambdaLR.state_dict() stores the
     # __dict__ of callable objects, which for a partial is empty.
-    return LambdaLR(optimizer, functools.partial(_factor, schedule))
+    factor = functools.partial(_factor, schedule)
+    if encoder_freeze_steps > 0:
+        frozen = functools.partial(_frozen_factor, schedule, encoder_freeze_steps)
+        return LambdaLR(optimizer, [frozen if g.get("encoder") else factor for g in optimizer.param_groups])
+    return LambdaLR(optimizer, factor)
 
 
 def step_scheduler(scheduler: Any, accelerator: Any) -> bool:

@@ -160,6 +160,7 @@ class Segmenter:
         self.palette = info.classes.palette_lut()
         data = config.get("data") or {}
         self.eval_resize = size_pair(data.get("eval_resize"), "eval_resize (in the model's config.yaml)")
+        self.mean, self.std = saved_model_options(config).normalization()
 
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """N HxWx3 uint8 images of one size -> NxHxW uint8 class ids."""
@@ -170,7 +171,7 @@ class Segmenter:
         height, width = images[0].shape[:2]
         with torch.inference_mode():
             x = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2)
-            logits = self.model(eval_input(x, self.eval_resize).contiguous())
+            logits = self.model(eval_input(x, self.eval_resize, self.mean, self.std).contiguous())
             if self.eval_resize is not None:
                 logits = resize_logits(logits, (height, width))
             return logits.argmax(1).to(torch.uint8).cpu().numpy()

@@ -224,14 +224,15 @@ def score_images(model_dir: Path, source, classes, eval_resize, batch_size: int,
     import torch
 
     from unetseg.badsamples import StreamStats
-    from unetseg.checkpoint import load_model
+    from unetseg.checkpoint import load_model, normalization
     from unetseg.loaders import iterate, make_loader
     from unetseg.scoring import confusion_matrix
     from unetseg.stream import EvalStream
     from unetseg.transforms import EvalTransform, EvalTransformConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _, _ = load_model(model_dir)
+    model, config, _ = load_model(model_dir)
+    mean, std = normalization(config)
     ignore = classes.ignore_label
     worst: list[Scored] = []
     best: list[Scored] = []
@@ -249,7 +250,7 @@ def score_images(model_dir: Path, source, classes, eval_resize, batch_size: int,
             del kept[keep:]
 
     stats = StreamStats(None)
-    stream = EvalStream(source, EvalTransform(EvalTransformConfig(resize=eval_resize)), batch_size, max_bad_samples=None)
+    stream = EvalStream(source, EvalTransform(EvalTransformConfig(resize=eval_resize, mean=mean, std=std)), batch_size, max_bad_samples=None)
     cm, _ = confusion_matrix(model.to(device).eval(), iterate(make_loader(stream, num_workers), stats),
                              classes.num_classes, ignore, classes.names, device, each=each)
     return cm.compute(), scored[0], worst, best, stats

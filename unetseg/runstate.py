@@ -94,9 +94,10 @@ def check_setup(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path
     record none and are not checked)."""
     from unetseg.models import saved_model_options
 
-    saved = dict(saved)
-    if isinstance(saved.get("model"), dict):  # as a saved model's options are read (older ones have no name)
-        saved["model"] = saved_model_options({"model": saved["model"]}).to_dict()
+    saved, current = dict(saved), dict(current)
+    for setup in (saved, current):  # as a saved model's options are read (older ones lack newer fields, or a name)
+        if isinstance(setup.get("model"), dict):
+            setup["model"] = saved_model_options({"model": setup["model"]}).to_dict()
     changed = [key for key in current if key in saved and saved[key] != current[key]]
     if not changed:
         return

@@ -78,7 +78,9 @@ class Run:
     @property
     def saved_config(self) -> dict[str, Any]:
         """The config saved with every model: the model section holds the built options."""
-        return {**self.config.to_dict(), "model": self.net_options.to_dict()}
+        options = self.net_options
+        mean, std = options.normalization()  # recorded, so the saved model needs no lookup
+        return {**self.config.to_dict(), "model": {**options.to_dict(), "mean": list(mean), "std": list(std)}}
 
     @property
     def net_options(self):
@@ -111,8 +113,10 @@ def start_accelerator(config: TrainConfig, run_dir: Path, resumed: TrainerState 
     return accelerator, (log_with, init_kwargs)
 
 
-def build_model(config: TrainConfig, accelerator, data, total_steps: int) -> tuple[torch.nn.Module, torch.nn.Module, Callable, Any, Any]:
-    """The model (identical initial weights on every rank), its optimiser and schedule."""
+def build_model(config: TrainConfig, accelerator, data, total_steps: int,
+                resuming: bool = False) -> tuple[torch.nn.Module, torch.nn.Module, Callable, Any, Any]:
+    """The model (identical initial weights on every rank), its optimiser and schedule. A
+    resume builds it without fetching pretrained weights: the checkpoint's come next."""
     from accelerate.utils import set_seed
 
     from unetseg.deep_supervision import supervised
@@ -123,7 +127,8 @@ def build_model(config: TrainConfig, accelerator, data, total_steps: int) -> tup
 
     oc, rc = config.optim, config.run
     set_seed(rc.seed)  # the same on every rank: identical initial weights
-    net = build(net_options(config, data))
+    options = net_options(config, data)
+    net = build(options.for_saved_weights() if resuming else options)
     trained = supervised(net, config.loss.deep_supervision, data.classes.num_classes)  # net, or net with aux heads
     # From here on each rank draws its own random numbers (dropout masks differ across ranks).
     set_seed(derive_seed(rc.seed, accelerator.process_index, 2))
@@ -132,10 +137,10 @@ def build_model(config: TrainConfig, accelerator, data, total_steps: int) -> tup
     if channels_last(config, accelerator.device):
         trained = trained.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(trained, oc.optimizer, lr=oc.lr, weight_decay=oc.weight_decay, betas=tuple(oc.betas),
-                                eps=oc.eps, momentum=oc.momentum, nesterov=oc.nesterov)
+                                eps=oc.eps, momentum=oc.momentum, nesterov=oc.nesterov, encoder_lr_mult=oc.encoder_lr_mult)
     # Kept out of accelerator.prepare, whose wrapper steps it once per process per step.
     scheduler = build_scheduler(optimizer, oc.scheduler, total_steps=total_steps, warmup_steps=oc.warmup_steps,
-                                power=oc.power, min_lr_ratio=oc.min_lr_ratio)
+                                power=oc.power, min_lr_ratio=oc.min_lr_ratio, encoder_freeze_steps=oc.encoder_freeze_steps)
     model, optimizer = accelerator.prepare(trained, optimizer)
     # Every training batch has one shape (full batches of one crop size): one static graph,
     # rather than a second compile that makes the sizes symbolic (slower kernels).
@@ -214,7 +219,7 @@ def setup(config: TrainConfig) -> Run:
     accelerator, tracker = start_accelerator(config, run_dir, resumed)
     data = open_train_data(config, accelerator)
     total_steps = rc.max_steps or rc.epochs * data.steps_per_epoch
-    net, model, forward, optimizer, scheduler = build_model(config, accelerator, data, total_steps)
+    net, model, forward, optimizer, scheduler = build_model(config, accelerator, data, total_steps, resume_from is not None)
     check_batch_norm(config, net, data, accelerator.num_processes)
     autotune_convolutions(config, data, accelerator.device)
     eval_every = rc.eval_every or data.steps_per_epoch

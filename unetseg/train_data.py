@@ -102,8 +102,10 @@ def train_transform(config: TrainConfig, train):
 
     dc = config.data
     crop = dc.crop_size or most_common_size(train.image_sizes())
+    mean, std = config.model.normalization()  # what the (pretrained) model expects
     return TrainTransform(TrainTransformConfig(crop_size=crop, resize=dc.resize, scale_range=tuple(dc.scale_range),
-                                               hflip=dc.hflip, jitter=dc.jitter), train.info.classes.ignore_label)
+                                               hflip=dc.hflip, jitter=dc.jitter, mean=mean, std=std),
+                          train.info.classes.ignore_label)
 
 
 def open_train_data(config: TrainConfig, state) -> TrainData:
@@ -116,7 +118,8 @@ def open_train_data(config: TrainConfig, state) -> TrainData:
     dc = config.data
     train, val = open_sources(config, ensure_default_data(config, state), state)
     train_tf = train_transform(config, train)
-    eval_tf = EvalTransform(EvalTransformConfig(resize=dc.eval_resize))
+    mean, std = config.model.normalization()
+    eval_tf = EvalTransform(EvalTransformConfig(resize=dc.eval_resize, mean=mean, std=std))
     accum = config.optim.grad_accum
     steps = batches_per_epoch(train.num_samples, dc.batch_size, state.num_processes, accum) // accum
     return TrainData(train, val, train_tf, eval_tf, steps, augment_on(dc.augment_on, state.device))

@@ -61,7 +61,9 @@ def test_a_registered_model_trains_saves_evaluates_predicts_and_exports(toy, tmp
     assert code == 0, err
     assert "final val mIoU" in out and "Toy: " in out
     saved = yaml.safe_load((run_dir / "final" / "config.yaml").read_text())
-    assert saved["model"] == {"name": "toy", "num_classes": 10, "in_channels": 3, "hidden": 5}
+    # The normalisation trained with is recorded (ImageNet's: the base options' default).
+    assert saved["model"] == {"name": "toy", "num_classes": 10, "in_channels": 3, "hidden": 5,
+                              "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     model, _, _ = load_model(run_dir / "final")
     assert isinstance(model, Toy) and model.body[0].out_channels == 5
 
@@ -88,7 +90,8 @@ def test_flags_and_config_follow_the_registry(toy):
     assert "--model-num-classes" not in by_flag  # taken from dataset.json
     config = parse_args(["--model-name", "toy", "--model-hidden", "3"])
     assert isinstance(config.model, ToyOptions) and config.model.hidden == 3
-    assert config.to_dict()["model"] == {"name": "toy", "num_classes": None, "in_channels": 3, "hidden": 3}
+    assert config.to_dict()["model"] == {"name": "toy", "num_classes": None, "in_channels": 3, "mean": None, "std": None,
+                                         "hidden": 3}
     with pytest.raises(UnetsegError, match=r"model\.width \(--model-width\) = '8': unknown key"):
         parse_args(["--model-name", "toy", "--model-width", "8"])  # a U-Net option given to the toy
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from unetseg.errors import UnetsegError
@@ -49,6 +49,20 @@ class ModelOptions(Options):
     num_classes: int | None = Field(None, ge=1, json_schema_extra={"flag": False},
                                     description="Output channels; set from dataset.json when training.")
     in_channels: int = Field(3, ge=1, json_schema_extra={"flag": False}, description="Input image channels (3 for RGB).")
+    mean: list[float] | None = Field(
+        None, json_schema_extra={"flag": False},
+        description="Per-channel mean the input is normalised with, after scaling to [0, 1]. none: the model's default "
+        "(a pretrained encoder's normalisation, else ImageNet's); a saved model records the value it was trained with.")
+    std: list[float] | None = Field(None, json_schema_extra={"flag": False},
+                                    description="Per-channel std of the normalisation (see mean).")
+
+    @model_validator(mode="after")
+    def _normalization_pairs(self) -> ModelOptions:
+        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
+            raise ValueError(f"mean {self.mean} and std {self.std}: give both, with one value per channel each")
+        if self.std is not None and not all(v > 0 for v in self.std):
+            raise ValueError(f"std {self.std}: every value must be > 0")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -63,6 +77,23 @@ class ModelOptions(Options):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
+
+    def for_saved_weights(self) -> ModelOptions:
+        """The options to build the model with when its own weights are loaded right after (a
+        saved model, a resume): a model that fetches pretrained weights skips that here."""
+        return self
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The (mean, std) the model's input is normalised with (after scaling to [0, 1]): its
+        own, else :meth:`default_normalization`."""
+        if self.mean is not None:
+            return tuple(self.mean), tuple(self.std)
+        return self.default_normalization()
+
+    def default_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        from unetseg.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+        return IMAGENET_MEAN, IMAGENET_STD
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelOptions:

@@ -45,6 +45,16 @@ class UNetConfig(ModelOptions):
     block: Literal["plain", "residual"] = Field(
         "plain", description="Each level's block: plain (3x3 conv, norm, ReLU, twice) or residual (the same two convs "
         "with an identity shortcut, a 1x1 conv + norm where the channels change, added before the last ReLU).")
+    encoder: str | None = Field(
+        None, description="A timm backbone as the encoder (e.g. efficientnet_lite0, resnet34, convnext_tiny; needs "
+        "pip install 'unetseg[timm]'), the decoder sized from its feature maps: width is then the decoder's channels at "
+        "full resolution, depth is not used. none: the U-Net from scratch.")
+    encoder_weights: str = Field(
+        "none", description="The encoder's weights: none (random), imagenet (timm's pretrained weights, from the "
+        "Hugging Face cache when there, else downloaded), or the path of a safetensors/state-dict file under timm's "
+        "names (the encoder's, or the whole classifier's). A saved model needs none of these: it holds its weights.")
+    encoder_depth: int | None = Field(
+        None, ge=2, le=8, description="Encoder feature maps used, from the first (none: all, e.g. 5 for strides 2 to 32).")
 
     @model_validator(mode="after")
     def _cap_above_width(self) -> UNetConfig:
@@ -52,6 +62,29 @@ class UNetConfig(ModelOptions):
             raise ValueError(f"max_width={self.max_width} is less than width={self.width}; "
                              "use a max_width >= width, or none")
         return self
+
+    @model_validator(mode="after")
+    def _encoder_options(self) -> UNetConfig:
+        if self.encoder is None and (self.encoder_weights != "none" or self.encoder_depth is not None):
+            which = "encoder_weights" if self.encoder_weights != "none" else "encoder_depth"
+            raise ValueError(f"{which} is set but no encoder is: set encoder (e.g. efficientnet_lite0), "
+                             f"or leave {which} out")
+        return self
+
+    def for_saved_weights(self) -> UNetConfig:
+        """The options to build the model with when its own weights are loaded next (a saved
+        model, a resume): no pretrained weights fetched."""
+        return self.model_copy(update={"encoder_weights": "none"}) if self.encoder else self
+
+    def default_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The encoder's pretrained normalisation, else ImageNet's."""
+        if self.encoder:
+            from unetseg.models.encoders import encoder_normalization
+
+            found = encoder_normalization(self.encoder)
+            if found:
+                return found
+        return super().default_normalization()
 
     def channels(self, level: int) -> int:
         """Channels at ``level`` (0 = full resolution, ``depth`` = bottleneck)."""
@@ -112,6 +145,15 @@ def _upsampler(kind: str, cin: int, cout: int) -> nn.Module:
 
 
 @register_model(UNetConfig)
+def build_unet(config: UNetConfig) -> nn.Module:
+    """The U-Net from scratch, or on a timm encoder when ``config.encoder`` is set."""
+    if config.encoder:
+        from unetseg.models.encoders import EncoderUNet
+
+        return EncoderUNet(config)
+    return UNet(config)
+
+
 class UNet(nn.Module):
     """U-Net for semantic segmentation: (N, in_channels, H, W) -> logits (N, num_classes, H, W).
 
