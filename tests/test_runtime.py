@@ -57,3 +57,17 @@ def test_one_process_keeps_its_buffers():
     net.running_mean.fill_(0.5)
     sync_buffers(net, world=1)
     assert torch.equal(net.running_mean, torch.full((3,), 0.5))
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_of(monkeypatch):
+    import torch
+
+    from unetseg.runtime import slow_bf16_warning
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    warning = slow_bf16_warning("bf16", torch.device("cpu"))
+    assert warning and "no AVX-512 BF16 or AMX" in warning and "Fix: --mixed-precision no" in warning
+    assert slow_bf16_warning("no", torch.device("cpu")) is None
+    assert slow_bf16_warning("bf16", torch.device("cuda")) is None
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert slow_bf16_warning("bf16", torch.device("cpu")) is None

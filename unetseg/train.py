@@ -310,6 +310,11 @@ def start_reporting(run: Run) -> None:
               f"{run.total_steps} steps of {dc.batch_size} x {world} x {config.optim.grad_accum} images "
               f"({run.data.steps_per_epoch} per epoch); run dir {run.run_dir}"
               + (f"; resuming from {run.resume_from} at step {ts.step}" if run.resume_from else ""), flush=True)
+        from unetseg.runtime import slow_bf16_warning
+
+        warning = slow_bf16_warning(accelerator.mixed_precision, accelerator.device)
+        if warning:
+            print(warning, flush=True)
     log_with, init_kwargs = run.tracker
     if log_with:
         accelerator.init_trackers(config.run.project, config=flat_config(config.to_dict()), init_kwargs=init_kwargs)
