@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unetseg.errors import UnetsegError
+from unetseg.models.unet import PaddedForward
 
 TIMM_FIX = "Fix: pip install 'unetseg[timm]' (or pip install timm), or leave --model-encoder out (the U-Net from scratch)"
 ENCODER_FIX = "a CNN such as resnet34, efficientnet_lite0 or convnext_tiny"
@@ -208,7 +208,7 @@ def _check_shapes(path: Path, name: str, bad: list[str], tensors, like) -> None:
                            f"this very architecture (or another --model-encoder that matches the file)")
 
 
-class EncoderUNet(nn.Module):
+class EncoderUNet(PaddedForward, nn.Module):
     """A U-Net decoder on a timm encoder: (N, in_channels, H, W) -> logits (N, num_classes, H, W).
     Built from :class:`~unetseg.models.unet.UNetConfig` with ``encoder`` set (see the module doc)."""
 
@@ -271,21 +271,6 @@ class EncoderUNet(nn.Module):
     def stage_channels(self) -> list[int]:
         """Channels of the inner decoder stages (deepest first), for deep supervision."""
         return list(self._stage_channels)
-
-    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        stages: list[torch.Tensor] = []
-        return self._padded(x, stages), stages
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._padded(x)
-
-    def _padded(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"EncoderUNet expected input (N, {self.config.in_channels}, H, W), got shape {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        m = self.pad_multiple
-        pad_h, pad_w = (h + m - 1) // m * m - h, (w + m - 1) // m * m - w
-        return self.forward_padded(F.pad(x, (0, pad_w, 0, pad_h)), stages)[:, :, :h, :w]
 
     def describe(self) -> str:
         from unetseg.models.unet import format_count, num_parameters

@@ -154,7 +154,37 @@ def build_unet(config: UNetConfig) -> nn.Module:
     return UNet(config)
 
 
-class UNet(nn.Module):
+class PaddedForward:
+    """The forward of a U-Net-shaped ``nn.Module`` with ``config.in_channels``,
+    ``pad_multiple`` and ``forward_padded(x, stages)``: any input size, zero-padded at the
+    bottom and right to a multiple of ``pad_multiple``, the logits cropped back."""
+
+    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The logits, and the inner decoder stages' outputs (deepest first) at the padded
+        input's resolution divided by 2**(depth-1), ..., 2: what
+        :mod:`unetseg.deep_supervision` reads."""
+        stages: list[torch.Tensor] = []
+        return self._padded(x, stages), stages
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._padded(x)
+
+    def _padded(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expected input (N, {self.config.in_channels}, H, W), got shape {tuple(x.shape)}: "
+                f"pass images with {self.config.in_channels} channels or set in_channels in the model config"
+            )
+        h, w = x.shape[-2:]
+        m = self.pad_multiple  # ceil division, not -h % m: inductor fails on a symbolic Python mod
+        pad_h, pad_w = (h + m - 1) // m * m - h, (w + m - 1) // m * m - w
+        # Unconditional pad and crop (a zero pad copies only the input): no branch on the
+        # size, so torch.compile with dynamic shapes keeps one graph for every size.
+        logits = self.forward_padded(F.pad(x, (0, pad_w, 0, pad_h)), stages)
+        return logits[:, :, :h, :w]
+
+
+class UNet(PaddedForward, nn.Module):
     """U-Net for semantic segmentation: (N, in_channels, H, W) -> logits (N, num_classes, H, W).
 
     **Any input size.** The input is zero-padded on the bottom and right to the next
@@ -224,30 +254,6 @@ class UNet(nn.Module):
     def stage_channels(self) -> list[int]:
         """Channels of the inner decoder stages (deepest first), for deep supervision."""
         return [self.config.channels(i) for i in range(self.config.depth - 1, 0, -1)]
-
-    def forward_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The logits, and the inner decoder stages' outputs (deepest first) at the padded
-        input's resolution divided by 2**(depth-1), ..., 2: what
-        :mod:`unetseg.deep_supervision` reads."""
-        stages: list[torch.Tensor] = []
-        return self._padded(x, stages), stages
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._padded(x)
-
-    def _padded(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"UNet expected input (N, {self.config.in_channels}, H, W), got shape {tuple(x.shape)}: "
-                f"pass images with {self.config.in_channels} channels or set in_channels in the model config"
-            )
-        h, w = x.shape[-2:]
-        m = self.pad_multiple  # ceil division, not -h % m: inductor fails on a symbolic Python mod
-        pad_h, pad_w = (h + m - 1) // m * m - h, (w + m - 1) // m * m - w
-        # Unconditional pad and crop (a zero pad copies only the input): no branch on the
-        # size, so torch.compile with dynamic shapes keeps one graph for every size.
-        logits = self.forward_padded(F.pad(x, (0, pad_w, 0, pad_h)), stages)
-        return logits[:, :, :h, :w]
 
     def describe(self) -> str:
         """One line for the start of a run, e.g. 'UNet depth=4 width=32 ...: 7.76M parameters'."""
