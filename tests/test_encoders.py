@@ -200,8 +200,9 @@ def test_an_encoder_model_trains_resumes_bitwise_evaluates_predicts_and_exports(
     Image.new("RGB", (45, 37), (40, 90, 200)).save(images / "a.png")
     run([*cli, "predict", str(straight / "final"), str(images), "--out", str(tmp_path / "pred")])
     assert Image.open(tmp_path / "pred" / "a.png").size == (45, 37)
-    run([*cli, "export", str(straight / "final"), "--format", "torchscript", "--out", str(tmp_path / "model.pt")])
-    assert (tmp_path / "model.pt").stat().st_size > 0
+    for fmt, name in (("torchscript", "model.pt"), ("onnx", "model.onnx")):  # each checked against the eager model
+        result = run([*cli, "export", str(straight / "final"), "--format", fmt, "--out", str(tmp_path / name)])
+        assert "checked against the eager model" in result.stdout and (tmp_path / name).stat().st_size > 0
 
 
 def test_the_normalisation_follows_the_encoder_into_the_saved_model_and_predict(tmp_path, data):
@@ -220,3 +221,26 @@ def test_the_normalisation_follows_the_encoder_into_the_saved_model_and_predict(
 
     _, config, _ = load_model(out / "final")
     assert config["model"]["mean"] == [0.5] * 3 and config["model"]["std"] == [0.5] * 3
+
+
+def test_residual_blocks_bf16_channels_last_and_one_static_compiled_graph(tmp_path, data, monkeypatch, capsys):
+    from conftest import run_main
+
+    graphs: list[bool] = []
+
+    def backend(gm, example_inputs):
+        values = [node.meta.get("example_value") for node in gm.graph.nodes if node.op == "placeholder"]
+        graphs.append(any(isinstance(v, torch.SymInt) or isinstance(v, torch.Tensor)
+                          and any(isinstance(side, torch.SymInt) for side in v.shape) for v in values))
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=backend, **kw))
+    torch._dynamo.reset()
+    code, out, err = run_main("train", ["--data", str(data), "--output-dir", str(tmp_path / "run"), *TINY,
+                                        "--model-block", "residual", "--mixed-precision", "bf16", "--channels-last", "on",
+                                        "--compile", "on", "--max-steps", "2", "--eval-every", "2"], capsys)
+    torch._dynamo.reset()
+    assert code == 0, err[-3000:]
+    assert "block=residual" in out and "mixed precision bf16, channels_last, compiled" in out
+    assert graphs == [False, False]  # one static graph for training, one for validation
