@@ -244,3 +244,11 @@ def test_residual_blocks_bf16_channels_last_and_one_static_compiled_graph(tmp_pa
     assert code == 0, err[-3000:]
     assert "block=residual" in out and "mixed precision bf16, channels_last, compiled" in out
     assert graphs == [False, False]  # one static graph for training, one for validation
+
+
+def test_an_unknown_encoder_or_missing_timm_names_the_fix(monkeypatch):
+    with pytest.raises(UnetsegError, match=r"model.encoder 'resnet5': timm has no such model.*e\.g\. .*resnet"):
+        build_model(UNetConfig(num_classes=5, encoder="resnet5"))
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if not installed
+    with pytest.raises(UnetsegError, match=r"needs the timm package.*pip install 'unetseg\[timm\]'"):
+        build_model(UNetConfig(num_classes=5, encoder=ENCODER))

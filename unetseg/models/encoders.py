@@ -70,7 +70,7 @@ def create_encoder(name: str, in_channels: int, weights: str = "none", depth: in
     """timm's ``features_only`` model ``name`` with the first ``depth`` feature maps (all when
     None), its weights as ``weights`` says (see the module doc)."""
     timm = require_timm()
-    if name not in timm.list_models() and timm.models.get_pretrained_cfg(name) is None:
+    if not timm.is_model(name):  # a name, or a name.tag
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
         raise UnetsegError(f"model.encoder {name!r}: timm has no such model. Fix: use a name from timm.list_models()"
                            + (f", e.g. {', '.join(close)}" if close else f", e.g. {ENCODER_FIX}"))
