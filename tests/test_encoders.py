@@ -223,7 +223,7 @@ def test_the_normalisation_follows_the_encoder_into_the_saved_model_and_predict(
     assert config["model"]["mean"] == [0.5] * 3 and config["model"]["std"] == [0.5] * 3
 
 
-def test_residual_blocks_bf16_channels_last_and_one_static_compiled_graph(tmp_path, data, monkeypatch, capsys):
+def test_residual_blocks_channels_last_and_one_static_compiled_graph(tmp_path, data, monkeypatch, capsys):
     from conftest import run_main
 
     graphs: list[bool] = []
@@ -238,12 +238,22 @@ def test_residual_blocks_bf16_channels_last_and_one_static_compiled_graph(tmp_pa
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=backend, **kw))
     torch._dynamo.reset()
     code, out, err = run_main("train", ["--data", str(data), "--output-dir", str(tmp_path / "run"), *TINY,
-                                        "--model-block", "residual", "--mixed-precision", "bf16", "--channels-last", "on",
+                                        "--model-block", "residual", "--mixed-precision", "no", "--channels-last", "on",
                                         "--compile", "on", "--max-steps", "2", "--eval-every", "2"], capsys)
     torch._dynamo.reset()
     assert code == 0, err[-3000:]
-    assert "block=residual" in out and "mixed precision bf16, channels_last, compiled" in out
+    assert "block=residual" in out and "mixed precision no, channels_last, compiled" in out
     assert graphs == [False, False]  # one static graph for training, one for validation
+
+
+def test_an_encoder_model_trains_in_bf16(tmp_path, data):
+    """In its own process: Accelerate's precision is fixed once per process."""
+    out = tmp_path / "run"
+    result = run([sys.executable, "-m", "unetseg.train", "--data", str(data), "--output-dir", str(out), *TINY,
+                  "--mixed-precision", "bf16", "--max-steps", "2", "--log-every", "1", "--eval-every", "2"])
+    assert "mixed precision bf16" in result.stdout
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 2 and all(0 < loss < 100 for loss in losses)
 
 
 def test_an_unknown_encoder_or_missing_timm_names_the_fix(monkeypatch):
